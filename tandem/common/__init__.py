@@ -1,0 +1,1 @@
+"""Torch-free types shared by every component (the bottom of the import graph)."""

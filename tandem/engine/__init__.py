@@ -1,0 +1,1 @@
+"""The inference engine of one worker: model, paged KV cache, scheduler, sampler."""

@@ -1,0 +1,22 @@
+"""Engine configuration (one worker's engine)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class EngineConfig:
+    model: str                               # HF-format model directory
+    device: str = "auto"                     # "auto" | "cpu" | "cuda" | "cuda:N"
+    dtype: str = "auto"                      # "auto" (fp32 on CPU, bf16 on CUDA) | "float32" | "bfloat16" | "float16"
+    block_size: int = 16
+    num_kv_blocks: int | None = None         # None: sized from kv_cache_memory_gb / gpu_memory_utilization
+    kv_cache_memory_gb: float | None = None  # CPU default: 0.25 GiB
+    gpu_memory_utilization: float = 0.85
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048       # per-step token budget (prefill chunks + decodes)
+    max_model_len: int | None = None         # default: model's max_position_embeddings
+    enable_prefix_caching: bool = True
+    aging_s: float = 30.0                    # a waiting request climbs one priority class per aging_s
+    seed: int = 0
+    cuda_graphs: bool = True
