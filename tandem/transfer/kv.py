@@ -1,0 +1,145 @@
+"""KV transfer server (prefill side) and fetch client (decode side) over ZeroMQ."""
+from __future__ import annotations
+
+import logging
+import pickle
+import threading
+import time
+from dataclasses import dataclass
+
+import msgpack
+import torch
+import zmq
+
+log = logging.getLogger(__name__)
+
+_DT = {"torch.float32": torch.float32, "torch.bfloat16": torch.bfloat16, "torch.float16": torch.float16}
+
+
+@dataclass
+class TransferStats:
+    requests: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failures: int = 0
+
+
+def _same_host_cuda(t: torch.Tensor, mode: str) -> bool:
+    return t.is_cuda and mode in ("auto", "cuda_ipc")
+
+
+class KVServer:
+    """Serves exports of held requests. `export(request_id, start_block) -> KVExport`, `release(request_id)`
+    are the engine's methods; they are called on the serving thread under `lock` (the engine's lock).
+    Replies stay valid until the fetcher acks (IPC staging tensors are kept alive until then)."""
+
+    def __init__(self, export, release, lock: threading.Lock, addr: str = "tcp://127.0.0.1:*", mode: str = "auto"):
+        self.export, self.release, self.lock, self.mode = export, release, lock, mode
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(addr)
+        self.addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._alive: dict[str, torch.Tensor] = {}   # IPC staging copies awaiting ack
+        self.stats = TransferStats()
+        self._stop = False
+        self._thread = threading.Thread(target=self._serve, name="kv-server", daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        while not self._stop:
+            if not poller.poll(100):
+                continue
+            ident, _, raw = self.sock.recv_multipart()
+            msg = msgpack.unpackb(raw)
+            try:
+                if msg["op"] == "fetch":
+                    self._on_fetch(ident, msg)
+                elif msg["op"] == "done":
+                    self._alive.pop(msg["request_id"], None)
+                    with self.lock:
+                        self.release(msg["request_id"])
+                    self.sock.send_multipart([ident, b"", msgpack.packb({"ok": True})])
+            except Exception as e:                         # reply with the error; the fetcher falls back
+                self.stats.failures += 1
+                log.warning("kv fetch %s failed: %s", msg.get("request_id"), e)
+                self.sock.send_multipart([ident, b"", msgpack.packb({"ok": False, "error": str(e)})])
+
+    def _on_fetch(self, ident, msg):
+        t0 = time.perf_counter()
+        with self.lock:
+            kv = self.export(msg["request_id"], msg.get("start_block", 0))
+        data = kv.data.contiguous()
+        head = {"ok": True, "request_id": kv.request_id, "num_tokens": kv.num_tokens, "block_size": kv.block_size,
+                "start_block": kv.start_block, "shape": list(data.shape), "dtype": str(data.dtype),
+                "prompt_token_ids": kv.prompt_token_ids, "output_token_ids": kv.output_token_ids}
+        if _same_host_cuda(data, self.mode) and msg.get("accept_ipc"):
+            from torch.multiprocessing.reductions import reduce_tensor
+            torch.cuda.current_stream(data.device).synchronize()
+            self._alive[kv.request_id] = data
+            head["ipc"] = True
+            payload = pickle.dumps(reduce_tensor(data))
+        else:
+            payload = data.view(torch.uint8).cpu().numpy().tobytes() if data.numel() else b""
+        self.sock.send_multipart([ident, b"", msgpack.packb(head), payload], copy=False)
+        self.stats.requests += 1
+        self.stats.bytes += data.numel() * data.element_size()
+        self.stats.seconds += time.perf_counter() - t0
+
+    def close(self):
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close(0)
+
+
+def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float = 5.0,
+             device: torch.device | str = "cpu", accept_ipc: bool = True):
+    """Fetch a held request's KV from a KVServer. Returns (KVExport, ack) or None on any failure.
+    Call `ack()` after importing so the server frees the blocks."""
+    from tandem.engine.engine import KVExport
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+    sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    try:
+        sock.connect(addr)
+        sock.send(msgpack.packb({"op": "fetch", "request_id": request_id, "start_block": start_block,
+                                 "accept_ipc": accept_ipc and torch.device(device).type == "cuda"}))
+        frames = sock.recv_multipart(copy=False)
+        head = msgpack.unpackb(frames[0].bytes)
+        if not head.get("ok"):
+            log.warning("kv fetch %s refused: %s", request_id, head.get("error"))
+            return None
+        dtype = _DT[head["dtype"]]
+        if head.get("ipc"):
+            fn, args = pickle.loads(frames[1].bytes)
+            data = fn(*args).to(device, non_blocking=False).clone()
+        else:
+            buf = frames[1].buffer
+            data = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(head["shape"]) if len(buf) else \
+                torch.empty(head["shape"], dtype=dtype)
+            data = data.to(device)
+        kv = KVExport(head["request_id"], head["prompt_token_ids"], head["output_token_ids"], head["num_tokens"],
+                      head["block_size"], head["start_block"], data)
+    except (zmq.ZMQError, KeyError, ValueError, RuntimeError) as e:
+        log.warning("kv fetch %s from %s failed: %s", request_id, addr, e)
+        sock.close(0)
+        return None
+    sock.close(0)
+
+    def ack():
+        s = ctx.socket(zmq.REQ)
+        s.setsockopt(zmq.LINGER, 0)
+        s.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
+        try:
+            s.connect(addr)
+            s.send(msgpack.packb({"op": "done", "request_id": request_id}))
+            s.recv()
+        except zmq.ZMQError as e:
+            log.warning("kv ack %s failed: %s", request_id, e)
+        finally:
+            s.close(0)
+    return kv, ack
