@@ -20,3 +20,6 @@ class EngineConfig:
     aging_s: float = 30.0                    # a waiting request climbs one priority class per aging_s
     seed: int = 0
     cuda_graphs: bool = True
+    # CPU threads for torch ops. Default 1 (env TANDEM_CPU_THREADS overrides): several worker processes
+    # share the cores, and OpenMP spin-waits under oversubscription made steps ~20x slower in tests.
+    cpu_threads: int | None = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -36,6 +37,8 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
         torch.manual_seed(config.seed)
+        if self.device.type == "cpu":
+            torch.set_num_threads(config.cpu_threads or int(os.environ.get("TANDEM_CPU_THREADS", "1")))
         self.tokenizer = Tokenizer(config.model)
         self.model, self.model_config = load_model(config.model, self.dtype, self.device)
         mc = self.model_config
