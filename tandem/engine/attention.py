@@ -47,8 +47,23 @@ def write_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     flat[1].index_copy_(0, slot_mapping, v.to(flat.dtype))
 
 
+def decode_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
+    """Pure-decode batch (one query per sequence) in one padded gather: q [B, Hq, D] -> [B, Hq, D]."""
+    bs, hkv, d = kv_layer.shape[2], kv_layer.shape[3], kv_layer.shape[4]
+    nblk = (meta.max_seq_len + bs - 1) // bs
+    tables = meta.block_tables[:, :nblk].long()                       # [B, nblk] (padding points at block 0)
+    k = kv_layer[0][tables].reshape(q.shape[0], nblk * bs, hkv, d).transpose(1, 2).to(q.dtype)
+    v = kv_layer[1][tables].reshape(q.shape[0], nblk * bs, hkv, d).transpose(1, 2).to(q.dtype)
+    mask = torch.arange(nblk * bs, device=q.device)[None, :] < meta.seq_lens[:, None]   # [B, L]
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), k, v, attn_mask=mask[:, None, None, :], scale=scale,
+                                       enable_gqa=True)
+    return o.squeeze(2)
+
+
 def paged_attention_ref(q: torch.Tensor, kv_layer: torch.Tensor, meta: AttnMetadata, scale: float) -> torch.Tensor:
     """Reference attention over the paged cache, one sequence at a time: q [T, Hq, D] -> [T, Hq, D]."""
+    if meta.is_pure_decode and meta.num_seqs > 1:
+        return decode_attention_ref(q, kv_layer, meta, scale)
     bs, hkv = kv_layer.shape[2], kv_layer.shape[3]
     out = torch.empty_like(q)
     qsl = meta.query_start_loc_cpu
