@@ -1,0 +1,96 @@
+"""A worker's side of KV transfer: serves its held KV to peers and fetches KV for requests it continues.
+
+Fetches run on a small thread pool so a decode worker keeps stepping its batch while KV arrives; the
+worker loop calls `completed()` each iteration and adds the requests whose KV is ready (or, on
+failure/deadline, without KV: the engine recomputes the prefill — the request is never lost).
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from tandem.transfer.kv import KVServer, fetch_kv
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FetchResult:
+    item: Any                   # the caller's request object, returned untouched
+    kv: Any | None              # KVExport or None (fall back to recompute)
+    ack: Any | None
+    seconds: float
+    nbytes: int
+    reason: str = "ok"
+
+
+@dataclass
+class TransferCounters:
+    fetched: int = 0
+    fallbacks: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    fallback_reasons: dict = field(default_factory=dict)
+
+
+class TransferAgent:
+    def __init__(self, engine, lock: threading.Lock, host: str = "127.0.0.1", mode: str = "auto",
+                 timeout_s: float = 5.0, workers: int = 2):
+        self.engine, self.lock, self.timeout_s = engine, lock, timeout_s
+        self.server = KVServer(engine.export_kv, engine.release_kv, lock, f"tcp://{host}:*", mode)
+        self.addr = self.server.addr
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="kv-fetch")
+        self.done: queue.Queue[FetchResult] = queue.Queue()
+        self.counters = TransferCounters()
+        self.fail_next = 0            # test hook: inject this many transfer failures
+
+    def start_fetch(self, item, prompt_token_ids: list[int], source_addr: str, source_request_id: str) -> None:
+        self.pool.submit(self._fetch, item, prompt_token_ids, source_addr, source_request_id)
+
+    def _fetch(self, item, prompt, addr, rid) -> None:
+        t0 = time.perf_counter()
+        try:
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                raise RuntimeError("injected transfer failure")
+            with self.lock:
+                start = self.engine.prefix_hit_tokens(prompt) // self.engine.config.block_size
+            device = getattr(getattr(self.engine, "runner", None), "device", "cpu")
+            got = fetch_kv(addr, rid, start, self.timeout_s, device=device)
+            if got is None:
+                raise RuntimeError("fetch failed or timed out")
+            kv, ack = got
+            n = kv.data.numel() * kv.data.element_size()
+            self.done.put(FetchResult(item, kv, ack, time.perf_counter() - t0, n))
+        except Exception as e:  # noqa: BLE001 - any failure means recompute
+            log.warning("KV fetch of %s from %s failed (%s); decode worker will prefill itself", rid, addr, e)
+            self.done.put(FetchResult(item, None, None, time.perf_counter() - t0, 0, reason=str(e)))
+
+    def completed(self) -> list[FetchResult]:
+        out = []
+        while True:
+            try:
+                r = self.done.get_nowait()
+            except queue.Empty:
+                return out
+            c = self.counters
+            if r.kv is None:
+                c.fallbacks += 1
+                c.fallback_reasons[r.reason] = c.fallback_reasons.get(r.reason, 0) + 1
+            else:
+                c.fetched += 1
+                c.bytes += r.nbytes
+                c.seconds += r.seconds
+            out.append(r)
+
+    def pending(self) -> int:
+        return self.pool._work_queue.qsize() + self.done.qsize()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        self.server.close()
