@@ -48,8 +48,10 @@ class TransferAgent:
         self.done: queue.Queue[FetchResult] = queue.Queue()
         self.counters = TransferCounters()
         self.fail_next = 0            # test hook: inject this many transfer failures
+        self.inflight = 0             # fetches started and not yet collected by completed()
 
     def start_fetch(self, item, prompt_token_ids: list[int], source_addr: str, source_request_id: str) -> None:
+        self.inflight += 1
         self.pool.submit(self._fetch, item, prompt_token_ids, source_addr, source_request_id)
 
     def _fetch(self, item, prompt, addr, rid) -> None:
@@ -78,6 +80,7 @@ class TransferAgent:
                 r = self.done.get_nowait()
             except queue.Empty:
                 return out
+            self.inflight -= 1
             c = self.counters
             if r.kv is None:
                 c.fallbacks += 1
@@ -87,9 +90,6 @@ class TransferAgent:
                 c.bytes += r.nbytes
                 c.seconds += r.seconds
             out.append(r)
-
-    def pending(self) -> int:
-        return self.pool._work_queue.qsize() + self.done.qsize()
 
     def close(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
