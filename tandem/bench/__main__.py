@@ -1,0 +1,6 @@
+"""`python -m tandem.bench ...` = `tandem bench ...`."""
+import sys
+
+from tandem.bench.cli import main
+
+sys.exit(main())
