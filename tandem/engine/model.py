@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.engine import kernels as fused
 from tandem.engine.attention import AttnMetadata, paged_attention, write_kv
 from tandem.engine.model_config import ModelConfig
 
@@ -98,6 +99,10 @@ class RMSNorm(nn.Module):
         self.weight = _param(dim, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if fused.use_fused(x):                                      # CUDA: one Triton kernel
+            if residual is None:
+                return fused.rms_norm(x, self.weight, self.eps)
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         return add_rms_norm(x, residual, self.weight, self.eps)
@@ -124,8 +129,11 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        write_kv(kv_layer, k, v, meta.slot_mapping)
+        if fused.use_fused(x):                                      # CUDA: rotary + KV write in one kernel
+            q = fused.rope_and_cache(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
+        else:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+            write_kv(kv_layer, k, v, meta.slot_mapping)
         o = paged_attention(q, kv_layer, meta, self.scale)
         return self.o_proj(o.reshape(T, self.q_size))
 
@@ -137,7 +145,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
 
     def forward(self, x):
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        h = self.gate_up_proj(x)
+        return self.down_proj(fused.silu_and_mul(h) if fused.use_fused(h) else silu_and_mul(h))
 
 
 class DecoderLayer(nn.Module):
@@ -191,6 +200,8 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self._inv_freq_cpu = rope_inv_freq(cfg)
         self._inv_freq: dict[torch.device, torch.Tensor] = {}
+        if self.device.type != "meta":
+            self.inv_freq(self.device)            # ready before any CUDA-graph capture
 
     @property
     def dtype(self) -> torch.dtype:

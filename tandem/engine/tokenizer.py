@@ -232,9 +232,11 @@ class IncrementalDetokenizer:
     def _advance(self, new_text: str) -> str:
         delta = new_text[len(self._prefix_text):]
         self._prefix, self._read = self._read, len(self._ids)
-        self._prefix_text = delta          # text of ids[prefix:read]: the window now starts at a char boundary
         if self._prefix > 64:              # keep the id list short
             del self._ids[:self._prefix]
             self._read -= self._prefix
             self._prefix = 0
+        # decoded, not taken from `delta`: decoders such as Metaspace strip a leading space at the window start
+        self._prefix_text = self._decode(self._ids[self._prefix:self._read],
+                                         skip_special_tokens=self.skip_special_tokens)
         return delta

@@ -158,6 +158,7 @@ def init_model(out_dir: str | Path, preset: str = "tiny", dtype: str = "auto", s
             weight_map[name] = fname
             total += t.numel() * itemsize
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        (out / fname).chmod(0o644)        # safetensors writes 0600; servers may run as another user
         del tensors
         if verbose:
             print(f"  wrote {fname} ({si + 1}/{len(shards)})", file=sys.stderr)

@@ -171,3 +171,26 @@ def test_incremental_equals_full_decode(llama_tok, data):
     prompt = tok.encode(data.draw(st.sampled_from(["", "Hello", "naïve 日本"]), label="prompt"))
     skip = data.draw(st.booleans(), label="skip")
     assert "".join(stream(tok, prompt, out, chunks, skip)) == tok.decode(out, skip_special_tokens=skip)
+
+
+def test_incremental_with_metaspace_decoder(tmp_path):
+    """SentencePiece-style tokenizers (Mistral, Llama 2) drop the leading '▁' space at a decode window's
+    start; deltas must still carry their spaces."""
+    from tokenizers import Tokenizer as RawTokenizer
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+    from tandem.model.tokenizer_build import CORPUS
+    raw = RawTokenizer(models.BPE(byte_fallback=True, unk_token=None))
+    raw.pre_tokenizer = pre_tokenizers.Metaspace()
+    raw.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                     decoders.Strip(" ", 1, 0)])
+    trainer = trainers.BpeTrainer(vocab_size=600, show_progress=False,
+                                  special_tokens=["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)])
+    raw.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = Tokenizer(tmp_path)
+    prompt = tok.encode("Tell me:", add_special_tokens=False)
+    for text in ["The quick brown fox jumps over the lazy dog.", "café 日本語 🎉 ok"]:
+        out = tok.encode(text, add_special_tokens=False)
+        expect = tok.decode(prompt + out)[len(tok.decode(prompt)):]
+        assert "".join(stream(tok, prompt, out, [1] * len(out))) == expect
