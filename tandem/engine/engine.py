@@ -147,25 +147,29 @@ class Engine:
         req.text += req.detok.push([tok])
         p = req.params
         n_out = req.num_output_tokens
+        stopped_by_string = False
         if n_out >= p.min_tokens:
             if (not p.ignore_eos and tok in self.tokenizer.eos_token_ids) or tok in p.stop_token_ids:
                 req.finish_reason = "stop"
             elif p.stop:
-                self._check_stop_strings(req)
+                stopped_by_string = self._check_stop_strings(req)
         if req.finish_reason is None and (n_out >= p.max_tokens or req.num_tokens >= self.max_model_len):
             req.finish_reason = "length"
         if req.finish_reason is not None:
+            if not stopped_by_string:
+                req.text += req.detok.flush()            # an incomplete UTF-8 tail, if any
             self._finish(req)
             return self._make_output(req, finished=True)
         return self._make_output(req, finished=False)
 
-    def _check_stop_strings(self, req: Request) -> None:
+    def _check_stop_strings(self, req: Request) -> bool:
         longest = max(len(s) for s in req.params.stop)
         start = max(0, req.sent_text_len - longest)
         hits = [i for i in (req.text.find(s, start) for s in req.params.stop) if i >= 0]
         if hits:
             req.text = req.text[:min(hits)]
             req.finish_reason = "stop"
+        return bool(hits)
 
     def _finish(self, req: Request) -> None:
         self.scheduler.remove(req)
