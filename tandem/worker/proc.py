@@ -1,0 +1,290 @@
+"""Worker process: one engine driven over ZeroMQ.
+
+    python -m tandem.worker.proc --worker-id w0 --model DIR --in-addr ipc:///tmp/x/w0 \
+        --out-addr ipc:///tmp/x/out [--role both] [--engine-config JSON]
+
+Sockets: a PULL socket bound at --in-addr receives commands (`Generate`, `Abort`, `SetRole`,
+`Shutdown`); a PUSH socket connected to --out-addr sends `Ready`, one `Deltas` message per engine step
+(all requests' outputs of that step), and `WorkerStatus` every --status-interval seconds (stats + KV
+cache events; it is also the heartbeat). The loop steps the engine back to back while it has work and
+otherwise blocks on the command socket until the next status is due.
+
+Errors are per request: a request the engine refuses gets an error delta with the HTTP status to
+report; an exception inside `step()` fails the requests in flight (error deltas) and the worker
+keeps serving. The process exits when its parent dies (PR_SET_PDEATHSIG + a parent-pid check).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import traceback
+
+import zmq
+
+from tandem.worker.protocol import (ROLES, Abort, Delta, Deltas, Generate, Ready, SetRole, Shutdown,
+                                    WorkerFailed, WorkerStatus, decode, encode)
+
+log = logging.getLogger("tandem.worker")
+
+
+class WorkerCore:
+    """The socket-free half of a worker: turns commands into engine calls and engine outputs into
+    messages (`send` is called with each outgoing message). Unit-testable with any engine object that
+    has the `Engine` methods used here."""
+
+    def __init__(self, engine, worker_id: str, role: str = "both", send=None):
+        if role not in ROLES:
+            raise ValueError(f"role must be one of {ROLES}, got {role!r}")
+        self.engine = engine
+        self.worker_id = worker_id
+        self.role = role
+        self.send = send or (lambda msg: None)
+        self.active: set[str] = set()
+        self.seq = 0
+        self.stopping = False
+        self.num_step_errors = 0
+
+    # ------------------------------------------------------------------ commands
+    def handle(self, msg) -> None:
+        if isinstance(msg, Generate):
+            self._generate(msg)
+        elif isinstance(msg, Abort):
+            self._abort(msg.request_ids)
+        elif isinstance(msg, SetRole):
+            self.set_role(msg.role)
+        elif isinstance(msg, Shutdown):
+            self.stopping = True
+        else:
+            log.warning("worker %s: ignoring unexpected message %r", self.worker_id, type(msg).__name__)
+
+    def set_role(self, role: str) -> None:
+        """Record the new role (reported in every status). Disaggregated serving will drain or hand over
+        in-flight work of the old role here; in aggregated mode there is nothing to hand over."""
+        if role not in ROLES:
+            log.warning("worker %s: ignoring unknown role %r", self.worker_id, role)
+            return
+        log.info("worker %s: role %s -> %s", self.worker_id, self.role, role)
+        self.role = role
+
+    def _generate(self, g: Generate) -> None:
+        from tandem.common.errors import TandemError
+        from tandem.common.sampling import SamplingParams
+        rid = g.request_id
+        try:
+            params = SamplingParams.from_dict(g.sampling)
+            kw = {}
+            if g.hold_kv:
+                kw["hold_kv"] = True
+            if g.output_token_ids:
+                kw["output_token_ids"] = g.output_token_ids
+            self.engine.add_request(rid, list(g.prompt_token_ids), params, g.priority, **kw)
+            self.active.add(rid)
+        except TandemError as e:
+            self.send(Deltas(self.worker_id, [Delta.failure(rid, str(e), e.http_status, e.code,
+                                                            getattr(e, "param", None))]))
+        except (TypeError, ValueError) as e:
+            self.send(Deltas(self.worker_id, [Delta.failure(rid, f"invalid request: {e}", 400,
+                                                            "invalid_request_error")]))
+        except Exception as e:  # noqa: BLE001 - a bad request must not kill the worker
+            log.exception("worker %s: add_request(%s) failed", self.worker_id, rid)
+            self.send(Deltas(self.worker_id, [Delta.failure(rid, f"worker error: {e}")]))
+
+    def _abort(self, rids: list[str]) -> None:
+        outs = []
+        for rid in rids:
+            try:
+                o = self.engine.abort_request(rid)
+            except Exception:  # noqa: BLE001
+                log.exception("worker %s: abort(%s) failed", self.worker_id, rid)
+                o = None
+            if rid in self.active:
+                self.active.discard(rid)
+                outs.append(Delta.from_output(o) if o is not None else
+                            Delta(rid, [], "", True, "abort"))
+        if outs:
+            self.send(Deltas(self.worker_id, outs))
+
+    # ------------------------------------------------------------------ stepping
+    def has_work(self) -> bool:
+        return self.engine.has_unfinished_requests()
+
+    def step(self) -> int:
+        """One engine step; sends its outputs as one message. Returns the number of outputs."""
+        try:
+            outs = self.engine.step()
+        except Exception as e:  # noqa: BLE001
+            self.num_step_errors += 1
+            log.error("worker %s: engine step failed; failing %d requests in flight\n%s", self.worker_id,
+                      len(self.active), traceback.format_exc())
+            failed = []
+            for rid in list(self.active):
+                try:
+                    self.engine.abort_request(rid)
+                except Exception:  # noqa: BLE001
+                    pass
+                failed.append(Delta.failure(rid, f"engine step failed: {type(e).__name__}: {e}"))
+            self.active.clear()
+            if failed:
+                self.send(Deltas(self.worker_id, failed))
+            return len(failed)
+        if not outs:
+            return 0
+        deltas = []
+        for o in outs:
+            d = Delta.from_output(o)
+            if d.finished:
+                self.active.discard(d.request_id)
+            if d.finish_reason == "error" and d.error_status is None:
+                d.error_status, d.error_code = 500, "internal_error"
+            deltas.append(d)
+        self.send(Deltas(self.worker_id, deltas))
+        return len(deltas)
+
+    def status(self) -> WorkerStatus:
+        st = self.engine.stats()
+        stats = {k: v for k, v in vars(st).items()}
+        stats["num_waiting"] = dict(stats.get("num_waiting") or {})
+        stats["kv_usage"] = st.kv_usage
+        stats["num_step_errors"] = self.num_step_errors
+        stored, evicted = self.engine.drain_kv_events()
+        self.seq += 1
+        return WorkerStatus(self.worker_id, self.role, self.seq, stats, list(stored), list(evicted),
+                            len(self.active))
+
+
+def _set_pdeathsig() -> None:
+    """Ask Linux to SIGTERM us when the parent dies (no orphaned workers)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def serve(core: WorkerCore, inp: zmq.Socket, out: zmq.Socket, status_interval: float = 0.1,
+          parent_pid: int | None = None) -> None:
+    """The worker loop (see the module docstring)."""
+    poller = zmq.Poller()
+    poller.register(inp, zmq.POLLIN)
+    next_status = 0.0
+    next_parent_check = time.monotonic() + 1.0
+    while not core.stopping:
+        now = time.monotonic()
+        busy = core.has_work()
+        timeout_ms = 0 if busy else max(0.0, (next_status - now) * 1000.0)
+        if poller.poll(timeout_ms):
+            while True:
+                try:
+                    buf = inp.recv(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    msg = decode(buf)
+                except Exception:  # noqa: BLE001
+                    log.exception("worker %s: undecodable message dropped", core.worker_id)
+                    continue
+                core.handle(msg)
+        if core.stopping:
+            break
+        if core.has_work():
+            core.step()
+        now = time.monotonic()
+        if now >= next_status:
+            out.send(encode(core.status()))
+            next_status = now + status_interval
+        if parent_pid is not None and now >= next_parent_check:
+            next_parent_check = now + 1.0
+            if not _pid_alive(parent_pid) or os.getppid() == 1:
+                log.warning("worker %s: parent %d is gone; exiting", core.worker_id, parent_pid)
+                break
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m tandem.worker.proc", description="Tandem worker process")
+    p.add_argument("--worker-id", required=True)
+    p.add_argument("--model", required=True, help="HF-format model directory")
+    p.add_argument("--in-addr", required=True, help="ZeroMQ address to bind for commands")
+    p.add_argument("--out-addr", required=True, help="ZeroMQ address of the frontend's output socket")
+    p.add_argument("--role", default="both", choices=ROLES)
+    p.add_argument("--engine-config", default="{}", help="JSON of EngineConfig fields (besides model)")
+    p.add_argument("--status-interval", type=float, default=0.1)
+    p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
+    p.add_argument("--log-level", default=os.environ.get("TANDEM_LOG_LEVEL", "INFO"))
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(),
+                        format=f"%(asctime)s %(levelname)s [worker {args.worker_id}] %(name)s: %(message)s")
+    _set_pdeathsig()
+    parent = args.parent_pid or os.getppid()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
+    ctx = zmq.Context()
+    out = ctx.socket(zmq.PUSH)
+    out.setsockopt(zmq.LINGER, 2000)
+    out.setsockopt(zmq.SNDHWM, 0)
+    out.connect(args.out_addr)
+    inp = ctx.socket(zmq.PULL)
+    inp.setsockopt(zmq.LINGER, 0)
+    inp.setsockopt(zmq.RCVHWM, 0)
+    inp.bind(args.in_addr)
+    addr = inp.getsockopt(zmq.LAST_ENDPOINT).decode()
+    try:
+        from tandem.engine.config import EngineConfig
+        from tandem.engine.engine import Engine
+        cfg = json.loads(args.engine_config)
+        cfg["model"] = args.model
+        engine = Engine(EngineConfig(**cfg))
+    except Exception as e:  # noqa: BLE001
+        log.exception("worker %s: engine failed to start", args.worker_id)
+        out.send(encode(WorkerFailed(args.worker_id, f"engine failed to start: {type(e).__name__}: {e}")))
+        inp.close(linger=0)
+        out.close(linger=2000)
+        ctx.term()
+        return 1
+    core = WorkerCore(engine, args.worker_id, args.role, send=lambda m: out.send(encode(m)))
+    runner = getattr(engine, "runner", None)
+    ready = Ready(
+        worker_id=args.worker_id, role=args.role, addr=addr, pid=os.getpid(), model=args.model,
+        device=str(getattr(runner, "device", cfg.get("device", "?"))),
+        max_model_len=int(engine.max_model_len), block_size=int(engine.config.block_size),
+        num_kv_blocks=int(engine.stats().kv_blocks_total), max_num_seqs=int(engine.config.max_num_seqs),
+        vocab_size=int(getattr(getattr(engine, "model_config", None), "vocab_size", 0) or 0),
+        host=socket.gethostname())
+    out.send(encode(ready))
+    log.info("worker %s ready (pid %d, %s, role %s, %d KV blocks)", args.worker_id, os.getpid(), ready.device,
+             args.role, ready.num_kv_blocks)
+    try:
+        serve(core, inp, out, args.status_interval, parent_pid=parent)
+    except (KeyboardInterrupt, SystemExit):
+        pass
+    finally:
+        inp.close(linger=0)
+        out.close(linger=500)
+        ctx.term()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
