@@ -33,7 +33,8 @@ examples:
   tandem bench --url http://127.0.0.1:8000 --workload bursty --rate 4 --duration 300 \\
       --wl burst_period_s=60,burst_factor=4 --slo chat:300:40 --slo summarize:5000:200 --out b.json
   tandem bench --url http://vllm:8000 --model meta-llama/Llama-3.1-8B --tokenizer /models/llama \\
-      --trace a.csv#chat:interactive --trace b.csv#batch:batch --out vllm.json
+      --trace a.csv#chat:interactive --trace b.csv#batch:batch --priority-format int --out vllm.json
+  tandem bench --compare tandem.json vllm.json dynamo.json --plot cmp/
 
 Metrics follow vLLM's bench serve (TTFT to first output chunk; TPOT = (E2E - TTFT)/(tokens - 1);
 ITL = gaps between chunks). --time-scale multiplies trace timestamps (0.5 = twice as fast).
@@ -64,14 +65,14 @@ def _nonneg_float(s):
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("server")
-    g.add_argument("--url", required=True, help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
+    g.add_argument("--url", default=None, help="base URL of an OpenAI-compatible server, e.g. http://127.0.0.1:8000")
     g.add_argument("--model", default=None, help="model name to request (default: the first of /v1/models)")
     g.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), help="bearer token (default $OPENAI_API_KEY)")
     g.add_argument("--endpoint", choices=("completions", "chat"), default="completions",
                    help="/v1/completions (exact ISL; default) or /v1/chat/completions (text prompts)")
 
     g = p.add_argument_group("load")
-    src = g.add_mutually_exclusive_group(required=True)
+    src = g.add_mutually_exclusive_group()
     src.add_argument("--trace", action="append", metavar="FILE[#CLASS[:PRIORITY]]",
                      help="Azure 2023 CSV or Mooncake/generic JSONL; repeat to merge traces as classes")
     src.add_argument("--workload", help=f"synthetic workload: {', '.join(wl.WORKLOADS)}")
@@ -119,7 +120,10 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--request-timeout", type=_positive(float), default=600.0, help="seconds per request")
 
     g = p.add_argument_group("report")
-    g.add_argument("--out", required=True, metavar="FILE.json", help="report JSON")
+    g.add_argument("--out", default=None, metavar="FILE.json", help="report JSON (required to run)")
+    g.add_argument("--compare", nargs="+", default=None, metavar="REPORT.json",
+                   help="compare existing reports (the first is the baseline) instead of running; "
+                        "--plot DIR adds compare_cdf.png")
     g.add_argument("--plot", default=None, metavar="DIR", help="write latency_cdf.png and timeline.png here")
     g.add_argument("--slo-ttft-ms", type=_positive(float), default=None)
     g.add_argument("--slo-tpot-ms", type=_positive(float), default=None)
@@ -294,12 +298,23 @@ def save_requests(path: str, reqs: list[tr.BenchRequest]) -> None:
 def run(args) -> int:
     """Run `tandem bench` for parsed arguments; returns the exit code."""
     from rich.console import Console
-    err = Console(stderr=True, highlight=False)
+    err = Console(stderr=True, highlight=False, soft_wrap=True)
     out = Console(highlight=False)
 
     def fail(code: int, msg: str) -> int:
         err.print(f"[bold red]error:[/] {msg}")
         return code
+
+    if args.compare:
+        from tandem.bench.compare import compare_files
+        return compare_files(args.compare, args.plot, out)
+    missing = [flag for flag, v in (("--url", args.url), ("--out", args.out)) if not v]
+    if not (args.trace or args.workload):
+        missing.append("--trace FILE or --workload NAME")
+    if args.dry_run and "--url" in missing:
+        missing.remove("--url")
+    if missing:
+        return fail(EXIT_BAD_INPUT, "missing " + ", ".join(missing) + " (see tandem bench --help)")
 
     # ---- plan
     try:
@@ -424,15 +439,15 @@ def _run_with_progress(cfg, reqs, prompts, info, send_priority, show, console):
         return records, timeline, runner.cpu_s
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
-    progress = Progress(TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(),
+    progress = Progress(TextColumn("[bold]bench"), BarColumn(bar_width=24), MofNCompleteColumn(),
                         TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
                         console=console, refresh_per_second=4)
     task = progress.add_task("bench", total=len(reqs), info="")
 
     def update(r: Runner):
         progress.update(task, completed=r.completed + r.failed,
-                        info=f"sent {r.sent} · in flight {r.in_flight} · failed {r.failed} · "
-                             f"out tok {r.out_tokens} · max lag {r.max_lag * 1e3:.1f} ms")
+                        info=f"in flight {r.in_flight} · err {r.failed} · {r.out_tokens} tok · "
+                             f"lag≤{r.max_lag * 1e3:.0f}ms")
 
     runner = Runner(cfg, reqs, prompts, on_update=update)
     with progress:

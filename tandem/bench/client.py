@@ -13,6 +13,7 @@ import asyncio
 import gc
 import json
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -186,6 +187,7 @@ class Runner:
         self.out_tokens = 0
         self.max_lag = 0.0
         self._stopping = False
+        self._abort = False
         self.cpu_s = 0.0
         self.t0 = 0.0
         self._send_priority = bool(cfg.send_priority)
@@ -197,7 +199,15 @@ class Runner:
         return self.sent - self.completed - self.failed
 
     def request_stop(self) -> None:
-        self._stopping = True
+        """First call (Ctrl-C): send nothing more and let requests in flight finish.
+        Second call: abort those too (they are recorded as errors of kind 'cancelled')."""
+        if not self._stopping:
+            self._stopping = True
+            sys.stderr.write(f"\ntandem bench: stopping; waiting for {self.in_flight} requests in flight "
+                             f"(Ctrl-C again to abort them)\n")
+        else:
+            self._abort = True
+            sys.stderr.write("\ntandem bench: aborting the requests in flight\n")
 
     # --------------------------------------------------------------- bodies
     def _prepare_head(self, model: str) -> None:
@@ -418,7 +428,7 @@ class Runner:
                         body = self.body(reqs[i + 1])
                 # unsent requests (stopped early) are dropped from the records
                 self.records = self.records[: self.sent]
-                while tasks and not self._stopping:
+                while tasks and not self._abort:
                     await asyncio.wait(set(tasks), timeout=0.25)
                 if tasks:
                     for t in list(tasks):

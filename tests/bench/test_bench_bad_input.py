@@ -111,3 +111,34 @@ def test_no_torch_import():
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO,
                    env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=60)
+
+
+def test_missing_required_options(tmp_path, capsys):
+    assert bench(["--workload", "chat", "--out", tmp_path / "o.json"]) == EXIT_BAD_INPUT
+    assert "missing --url" in capsys.readouterr().err
+    assert bench(["--url", DEAD_URL, "--workload", "chat"]) == EXIT_BAD_INPUT
+    assert "missing --out" in capsys.readouterr().err
+    assert bench(["--url", DEAD_URL, "--out", tmp_path / "o.json"]) == EXIT_BAD_INPUT
+    assert "--trace FILE or --workload NAME" in capsys.readouterr().err
+
+
+def test_compare_reports(tmp_path, capsys):
+    from tandem.bench import RequestRecord, build_report, write_report
+
+    def rep(scale, label):
+        recs = [RequestRecord(arrival_s=0.1 * i, cls=c, priority="interactive", isl=10, osl_requested=3,
+                              output_tokens=3, ttft_s=0.05 * scale, token_times_s=[0.05 * scale, 0.06 * scale,
+                                                                                   0.07 * scale],
+                              e2e_s=0.08 * scale) for i, c in enumerate(["chat", "summarize"] * 5)]
+        return build_report({"label": label, "slo_ttft_ms": 60}, recs, [])
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    write_report(str(a), rep(1.0, "tandem"))
+    write_report(str(b), rep(2.0, "vllm"))
+    assert bench(["--compare", a, b, "--plot", tmp_path / "cmp"]) == 0
+    out = capsys.readouterr().out
+    assert "tandem (base)" in out and "vllm" in out and "+100%" in out and "summarize" in out
+    assert (tmp_path / "cmp" / "compare_cdf.png").stat().st_size > 10_000
+    (tmp_path / "bad.json").write_text("{}")
+    assert bench(["--compare", a, tmp_path / "bad.json"]) == EXIT_BAD_INPUT
+    assert "not a readable tandem report" in capsys.readouterr().err
+    assert bench(["--compare", a]) == EXIT_BAD_INPUT
