@@ -1,0 +1,596 @@
+"""The planner: every tick, from a `ClusterView`, decide which workers flip between the prefill and
+decode pools (and, when a GPU range is given, which start or stop).
+
+`Planner.tick(view)` is pure with respect to time: it reads `view.now`, never a clock, and never
+sleeps, so the simulator calls it in virtual time and the server from an asyncio loop
+(`tandem.planner.connector.PlannerLoop`).
+
+One tick:
+
+1. **Measure** the last window: arrival rate, uncached prompt tokens/s, output tokens/s (the larger
+   of rate x mean OSL of recent completions and tokens actually generated), measured TTFT/TPOT p90
+   of the SLO classes, queued prefill tokens, in-flight decodes. Zero traffic gives zeros, never NaN.
+2. **Predict** the next window with the configured predictor (EWMA by default), one per signal.
+3. **Size** each pool from the perf profile (`capacity.workers_needed`): prefill as an M/D/c
+   queue whose p90 wait plus the prompt's own prefill fits the TTFT target; decode by throughput at
+   the largest batch that meets the TPOT target within the KV cache. Backlog and in-flight work are
+   part of the demand, and a pool whose measured p90 misses its SLO (or whose KV is full / decode
+   queue is non-empty) gets one more worker of need.
+4. **Target split** of the current budget G: when both needs fit, the spare workers are shared so
+   that the pools' planned utilisations are equal; when they do not, the overload is equalised.
+5. **Hysteresis**: a move is made only when
+   - *rescue*: a pool is below its need and the other can give without dropping below its own; or
+   - *balance*: the busier pool is above `high_watermark`, the move lowers the larger utilisation by
+     a factor (1 - hysteresis), and the donor keeps (1 + hysteresis) x its need; or
+   - *feedback*: a pool misses its measured SLO while the other keeps (1 + hysteresis) x its need;
+   - *idle*: zero demand for `idle_after_s` and an `idle_split` is configured.
+   Moves respect a per-worker minimum dwell, a global cooldown, a longer cooldown before reversing
+   direction, and at most k flips per tick.
+6. **Pick** workers: prefill -> decode takes the prefill worker with the least queued prefill;
+   decode -> prefill the decode worker with the fewest running decodes (least KV to migrate).
+7. **Scale** (only with min_gpus/max_gpus): start workers when the needs exceed the budget, stop
+   (gracefully) when the budget has exceeded need x (1 + headroom) for `scale_in_delay_s`.
+
+Every decision carries a human-readable reason and the inputs it was made from; a tick that
+changes nothing logs nothing (but its inputs are kept as `last_inputs`).
+"""
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Any, Callable, Iterable, Optional, Union
+
+from tandem.planner.capacity import Demand, PerfProfile, load_profile, workers_needed
+from tandem.planner.predictor import Predictor, make_predictor
+from tandem.planner.types import (ClusterView, Decision, PlannerConfig, WorkerView, finite,
+                                  jsonable, nonneg, opt_nonneg)
+
+PredictorSpec = Union[str, Callable[[], Predictor], None]
+
+
+def _r(x: Any, nd: int = 4) -> Any:
+    if x is None:
+        return None
+    if isinstance(x, bool):
+        return x
+    if isinstance(x, int):
+        return x
+    v = finite(x, 0.0)
+    return round(v, nd)
+
+
+class Planner:
+    SIGNALS = ("rate", "prefill_tps", "decode_tps")
+
+    def __init__(self, config: Optional[PlannerConfig] = None, profile: Any = None,
+                 predictor: PredictorSpec = None) -> None:
+        self.cfg = config or PlannerConfig()
+        self.cfg.validate()
+        if profile is None:
+            raise ValueError("the planner needs a perf profile (path, dict or PerfProfile)")
+        self.profile: PerfProfile = load_profile(profile)
+        spec = predictor if predictor is not None else self.cfg.predictor
+        if isinstance(spec, str):
+            name = spec
+            factory = lambda: make_predictor(name, self.cfg.tick_s,  # noqa: E731
+                                             self.cfg.predictor_half_life_s)
+        elif callable(spec):
+            factory = spec
+        else:
+            raise ValueError("predictor must be a name or a zero-argument factory")
+        self.predictor_name = spec if isinstance(spec, str) else getattr(spec, "__name__", "custom")
+        self.pred: dict[str, Predictor] = {s: factory() for s in self.SIGNALS}
+        # slowly varying shape estimates (only updated when there are samples)
+        self._osl = 0.0
+        self._isl_p90 = 0.0
+        self._ctx_extra = 0.0      # cached prompt tokens per request (part of decode context)
+        self._shape_alpha = 0.2
+        # history and counters
+        self.history: deque[Decision] = deque(maxlen=max(1, int(self.cfg.history)))
+        self.last_inputs: dict = {}
+        self.flips = {"prefill->decode": 0, "decode->prefill": 0}
+        self.starts = 0
+        self.stops = 0
+        self.ticks = 0
+        # anti-flapping state
+        self._last_flip_t = -math.inf
+        self._last_flip_dir: Optional[str] = None
+        self._last_change: dict[str, float] = {}
+        self._pending: dict[str, tuple[str, float]] = {}   # worker -> (target role, issued at)
+        self._idle_since: Optional[float] = None
+        self._low_since: Optional[float] = None
+        self._last_start_t = -math.inf
+        self._last_stop_t = -math.inf
+        self._regime = "init"
+        self._last_now: Optional[float] = None
+
+    # ================================================================================ public API
+    def tick(self, view: ClusterView) -> list[Decision]:
+        """Decisions for this tick (possibly none). Never raises on odd metrics, never NaN."""
+        cfg = self.cfg
+        now = finite(view.now, self._last_now if self._last_now is not None else 0.0)
+        self._last_now = now
+        self.ticks += 1
+        workers = [w for w in (view.workers or []) if isinstance(w, WorkerView)]
+        self._expire_pending(now, workers)
+
+        m = self._measure(view, workers)
+        pred = self._predict(m)
+        pools = self._pools(workers)
+        P, D = len(pools["prefill"]), len(pools["decode"])
+        G = P + D
+        demand = Demand(rate=pred["rate"], isl=pred["isl"], osl=pred["osl"], isl_p90=self._isl_p90,
+                        context=pred["context"], prefill_backlog_tokens=m["prefill_backlog"],
+                        decode_inflight=m["decode_inflight"])
+        need = workers_needed(demand, self.profile, cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac,
+                              cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac,
+                              prefill_util_max=cfg.prefill_util_max,
+                              decode_util_max=cfg.decode_util_max, kv_frac=cfg.kv_util_max,
+                              drain_s=cfg.backlog_drain_s, kv_capacity_tokens=m["kv_capacity"],
+                              max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)))
+        need_p = max(need.prefill, cfg.min_prefill)
+        need_d = max(need.decode, cfg.min_decode)
+        # measured SLO pressure: one more worker of need for the pool that misses its SLO
+        if m["prefill_pressure"] and need_p <= P:
+            need_p = P + 1
+        if m["decode_pressure"] and need_d <= D:
+            need_d = D + 1
+        load_p, load_d = nonneg(need.prefill_load), nonneg(need.decode_load)
+        idle = (m["arrivals"] == 0 and m["running"] == 0 and m["prefill_backlog"] <= 0
+                and m["completions"] == 0)
+        if idle:
+            self._idle_since = now if self._idle_since is None else self._idle_since
+        else:
+            self._idle_since = None
+
+        inputs = {
+            "now": _r(now, 3), "window_s": _r(m["window_s"], 3), "predictor": self.predictor_name,
+            "measured": {k: _r(v) for k, v in m.items() if not isinstance(v, bool)},
+            "pressure": {"prefill": m["prefill_pressure"], "decode": m["decode_pressure"]},
+            "predicted": {k: _r(v) for k, v in pred.items()},
+            "need": {"prefill": need_p, "decode": need_d, "prefill_load": _r(load_p),
+                     "decode_load": _r(load_d), "prefill_feasible": need.prefill_feasible,
+                     "decode_feasible": need.decode_feasible},
+            "capacity": {k: _r(v) for k, v in need.info.items()},
+            "split": {"prefill": P, "decode": D, "budget": G,
+                      "flipping": sum(1 for w in workers if w.state == "flipping"),
+                      "starting": sum(1 for w in workers if w.state == "starting"),
+                      "both": sum(1 for w in workers if w.role == "both" and w.in_service())},
+            "util": {"prefill": _r(load_p / P if P else (math.inf if load_p else 0.0)),
+                     "decode": _r(load_d / D if D else (math.inf if load_d else 0.0))},
+            "idle": idle,
+        }
+        for k in ("prefill", "decode"):
+            if inputs["util"][k] is None:
+                inputs["util"][k] = 1e9
+        decisions: list[Decision] = []
+
+        # ---------------------------------------------------------------- flips within budget
+        target_p, regime = self._target_split(G, P, need_p, need_d, load_p, load_d)
+        if idle:
+            regime = "idle"
+            if (cfg.idle_split is not None and self._idle_since is not None
+                    and now - self._idle_since >= cfg.idle_after_s and G > 0):
+                target_p = self._clamp_p(int(round(G * cfg.idle_split)), G)
+            else:
+                target_p = P
+        inputs["target"] = {"prefill": target_p, "decode": G - target_p}
+        inputs["regime"] = regime
+
+        move, why = self._choose_move(now, P, D, G, target_p, need_p, need_d, load_p, load_d,
+                                      regime, m)
+        inputs["move"] = {"flips": move, "why": why}
+        if move:
+            decisions += self._flip(now, move, why, pools, inputs)
+
+        # ---------------------------------------------------------------- scale in / out
+        if cfg.scaling:
+            decisions += self._scale(now, pools, need_p, need_d, decisions, inputs, idle)
+
+        if regime != self._regime and regime in ("idle", "infeasible") and not decisions:
+            decisions.append(Decision(time=now, action="hold", reason=self._hold_reason(
+                regime, need_p, need_d, G), inputs=self._decision_inputs(inputs)))
+        self._regime = regime
+        self.last_inputs = jsonable(inputs)
+        for d in decisions:
+            self.history.append(d)
+        return decisions
+
+    def status(self) -> dict:
+        """JSON-able state for /v1/cluster: current split, last tick inputs, recent decisions."""
+        split = self.last_inputs.get("split", {})
+        return jsonable({
+            "split": {"prefill": split.get("prefill", 0), "decode": split.get("decode", 0),
+                      "budget": split.get("budget", 0)},
+            "target": self.last_inputs.get("target"),
+            "regime": self._regime,
+            "flips": dict(self.flips), "starts": self.starts, "stops": self.stops,
+            "ticks": self.ticks,
+            "last_inputs": self.last_inputs,
+            "decisions": [d.to_dict() for d in self.history],
+            "config": self.cfg.to_dict(),
+            "profile": {"model": self.profile.model, "device": self.profile.device,
+                        "role_flip_s": self.profile.role_flip_s,
+                        "worker_start_s": self.profile.worker_start_s},
+        })
+
+    def metrics(self) -> dict[str, float]:
+        """Flat numbers for Prometheus (`tandem_planner_*`)."""
+        split = self.last_inputs.get("split", {})
+        util = self.last_inputs.get("util", {})
+        need = self.last_inputs.get("need", {})
+        return {
+            "pool_prefill": float(split.get("prefill", 0)),
+            "pool_decode": float(split.get("decode", 0)),
+            "need_prefill": float(need.get("prefill", 0)),
+            "need_decode": float(need.get("decode", 0)),
+            "util_prefill": finite(util.get("prefill"), 0.0),
+            "util_decode": finite(util.get("decode"), 0.0),
+            "flips_prefill_to_decode_total": float(self.flips["prefill->decode"]),
+            "flips_decode_to_prefill_total": float(self.flips["decode->prefill"]),
+            "starts_total": float(self.starts),
+            "stops_total": float(self.stops),
+            "ticks_total": float(self.ticks),
+        }
+
+    # ============================================================================== internals
+    def _expire_pending(self, now: float, workers: list[WorkerView]) -> None:
+        by_id = {str(w.worker_id): w for w in workers}
+        timeout = max(10.0, 5.0 * self.profile.role_flip_s, 3 * self.cfg.tick_s)
+        for wid, (role, t) in list(self._pending.items()):
+            w = by_id.get(wid)
+            if w is None or (w.role == role and w.state != "flipping") or now - t > timeout:
+                self._pending.pop(wid, None)
+            elif w.state == "flipping" and w.target_role == role:
+                pass  # the connector reports it; the view counts it
+
+    def _measure(self, view: ClusterView, workers: list[WorkerView]) -> dict:
+        cfg = self.cfg
+        win = finite(view.window_s, cfg.tick_s)
+        if win <= 0:
+            win = cfg.tick_s
+        arrivals = completions = 0
+        prompt = uncached = out_tok = gen = 0.0
+        ttft90: list[float] = []
+        tpot90: list[float] = []
+        isl_p90 = 0.0
+        classes = view.classes if isinstance(view.classes, dict) else {}
+        slo_cls = set(cfg.slo_classes) if cfg.slo_classes else None
+        for name, c in classes.items():
+            a = int(nonneg(getattr(c, "arrivals", 0)))
+            arrivals += a
+            pt = nonneg(getattr(c, "prompt_tokens", 0))
+            prompt += pt
+            u = opt_nonneg(getattr(c, "uncached_prompt_tokens", None))
+            uncached += min(pt, u) if u is not None else pt
+            k = int(nonneg(getattr(c, "completions", 0)))
+            completions += k
+            out_tok += nonneg(getattr(c, "output_tokens", 0))
+            gen += nonneg(getattr(c, "generated_tokens", 0))
+            isl_p90 = max(isl_p90, nonneg(getattr(c, "isl_p90", 0)))
+            if slo_cls is None or name in slo_cls:
+                t1 = opt_nonneg(getattr(c, "ttft_p90_ms", None))
+                t2 = opt_nonneg(getattr(c, "tpot_p90_ms", None))
+                if t1 is not None:
+                    ttft90.append(t1)
+                if t2 is not None:
+                    tpot90.append(t2)
+        # shape estimates, updated only from samples
+        a = self._shape_alpha
+        if completions > 0:
+            osl = out_tok / completions
+            self._osl = osl if self._osl <= 0 else self._osl + a * (osl - self._osl)
+        if arrivals > 0:
+            cached_per_req = max(0.0, prompt - uncached) / arrivals
+            self._ctx_extra += a * (cached_per_req - self._ctx_extra)
+            if isl_p90 > 0:
+                self._isl_p90 = isl_p90 if self._isl_p90 <= 0 else \
+                    self._isl_p90 + a * (isl_p90 - self._isl_p90)
+        backlog = inflight = running = 0.0
+        kv_caps: list[int] = []
+        kv_full = decode_queue = False
+        for w in workers:
+            if not w.in_service():
+                continue
+            role = w.effective_role()
+            wait_tok = nonneg(w.waiting_prefill_tokens)
+            nrun, nwait = nonneg(w.num_running), nonneg(w.num_waiting)
+            running += nrun + nwait
+            if role == "prefill":
+                backlog += wait_tok
+            elif role == "decode":
+                inflight += nrun + nwait
+                backlog += 0.0
+                if w.state == "active":
+                    if nonneg(w.kv_usage) > cfg.kv_util_max and nwait > 0:
+                        kv_full = True
+                    if nwait > max(2.0, 0.1 * nrun):
+                        decode_queue = True
+                cap = int(nonneg(w.kv_capacity_tokens))
+                if cap > 0:
+                    kv_caps.append(cap)
+        ttft_p90 = max(ttft90) if ttft90 else None
+        tpot_p90 = max(tpot90) if tpot90 else None
+        qwait = opt_nonneg(view.prefill_queue_wait_p90_s)
+        prefill_pressure = bool((ttft_p90 is not None and ttft_p90 > cfg.slo_ttft_ms)
+                                or (qwait is not None and qwait * 1000 > cfg.slo_ttft_ms))
+        decode_pressure = bool((tpot_p90 is not None and tpot_p90 > cfg.slo_tpot_ms)
+                               or kv_full or decode_queue)
+        return {
+            "window_s": win, "arrivals": arrivals, "completions": completions,
+            "rate": arrivals / win, "prefill_tps": uncached / win,
+            "prompt_tps": prompt / win, "generated_tps": gen / win,
+            "osl_mean": self._osl, "isl_p90": self._isl_p90,
+            "ttft_p90_ms": ttft_p90 if ttft_p90 is not None else 0.0,
+            "tpot_p90_ms": tpot_p90 if tpot_p90 is not None else 0.0,
+            "prefill_queue_wait_p90_s": qwait if qwait is not None else 0.0,
+            "prefill_backlog": backlog, "decode_inflight": inflight, "running": running,
+            "kv_capacity": min(kv_caps) if kv_caps else 0,
+            "prefill_pressure": prefill_pressure, "decode_pressure": decode_pressure,
+        }
+
+    def _predict(self, m: dict) -> dict:
+        horizon = max(1.0, (self.profile.role_flip_s + self.cfg.tick_s) / self.cfg.tick_s)
+        rate_obs = m["rate"]
+        decode_obs = max(rate_obs * m["osl_mean"], m["generated_tps"])
+        self.pred["rate"].update(rate_obs)
+        self.pred["prefill_tps"].update(m["prefill_tps"])
+        self.pred["decode_tps"].update(decode_obs)
+        rate = nonneg(self.pred["rate"].predict(horizon))
+        ptps = nonneg(self.pred["prefill_tps"].predict(horizon))
+        dtps = nonneg(self.pred["decode_tps"].predict(horizon))
+        isl = ptps / rate if rate > 1e-9 else 0.0
+        osl = dtps / rate if rate > 1e-9 else nonneg(self._osl)
+        ctx = isl + self._ctx_extra + osl / 2.0
+        return {"rate": rate, "prefill_tps": ptps, "decode_tps": dtps, "isl": isl, "osl": osl,
+                "context": ctx}
+
+    def _pools(self, workers: list[WorkerView]) -> dict[str, list[WorkerView]]:
+        pools: dict[str, list[WorkerView]] = {"prefill": [], "decode": []}
+        for w in workers:
+            if not w.in_service():
+                continue
+            role = w.effective_role()
+            pend = self._pending.get(str(w.worker_id))
+            if pend is not None:
+                role = pend[0]
+            if role in pools:
+                pools[role].append(w)
+        return pools
+
+    def _clamp_p(self, p: int, G: int) -> int:
+        lo = min(self.cfg.min_prefill, G)
+        hi = max(lo, G - self.cfg.min_decode)
+        return max(lo, min(hi, p))
+
+    @staticmethod
+    def _score(p: int, G: int, x: float, y: float) -> float:
+        """The larger planned utilisation of the two pools with p prefill workers."""
+        up = x / p if p > 0 else (math.inf if x > 0 else 0.0)
+        ud = y / (G - p) if G - p > 0 else (math.inf if y > 0 else 0.0)
+        return max(up, ud)
+
+    def _target_split(self, G: int, P: int, need_p: int, need_d: int, x: float, y: float
+                      ) -> tuple[int, str]:
+        if G <= 0:
+            return 0, "empty"
+        feasible = need_p + need_d <= G
+        if feasible:
+            lo, hi = self._clamp_p(need_p, G), self._clamp_p(G - need_d, G)
+        else:
+            lo, hi = self._clamp_p(0, G), self._clamp_p(G, G)
+            # when infeasible, balance the overload of the integer needs (queueing included)
+            x, y = max(x, float(need_p)), max(y, float(need_d))
+        if hi < lo:
+            lo, hi = hi, lo
+        if x <= 0 and y <= 0:
+            return max(lo, min(hi, P)), ("ok" if feasible else "infeasible")
+        star = G * x / (x + y) if (x + y) > 0 else P
+        cands = {max(lo, min(hi, c)) for c in (math.floor(star), math.ceil(star), P, lo, hi)}
+        best = min(cands, key=lambda c: (round(self._score(c, G, x, y), 9), abs(c - P)))
+        return best, ("ok" if feasible else "infeasible")
+
+    def _max_flips(self, G: int) -> int:
+        if self.cfg.max_flips_per_tick > 0:
+            return self.cfg.max_flips_per_tick
+        return max(1, int(round(self.cfg.flip_frac_per_tick * G)))
+
+    def _choose_move(self, now: float, P: int, D: int, G: int, target_p: int, need_p: int,
+                     need_d: int, x: float, y: float, regime: str, m: dict) -> tuple[int, str]:
+        """Signed number of flips (+: decode -> prefill) and why; 0 when holding."""
+        cfg = self.cfg
+        h = cfg.hysteresis
+        delta = target_p - P
+        move, why = 0, ""
+        if regime == "idle":
+            if delta != 0:
+                move, why = delta, f"idle for {now - (self._idle_since or now):.0f}s: " \
+                                   f"moving to idle split {cfg.idle_split}"
+        elif regime == "ok":
+            if delta > 0 and P < need_p:
+                move = min(delta, need_p - P)
+                why = f"rescue prefill: {P} < need {need_p}"
+            elif delta < 0 and D < need_d:
+                move = -min(-delta, need_d - D)
+                why = f"rescue decode: {D} < need {need_d}"
+            elif delta != 0:
+                cur, new = self._score(P, G, x, y), self._score(target_p, G, x, y)
+                donor_after, donor_need = (D - delta, need_d) if delta > 0 else (P + delta, need_p)
+                if (cur >= cfg.high_watermark and new <= cur * (1 - h)
+                        and donor_after >= donor_need * (1 + h)):
+                    move = delta
+                    why = (f"balance: max utilisation {cur:.2f} -> {new:.2f} "
+                           f"({'decode->prefill' if delta > 0 else 'prefill->decode'})")
+        elif regime == "infeasible":
+            if delta != 0:
+                cur, new = self._score(P, G, x, y), self._score(target_p, G, x, y)
+                if new <= cur * (1 - h):
+                    move = delta
+                    why = (f"over budget (need {need_p}P+{need_d}D > {G}): equalise overload "
+                           f"{cur:.2f} -> {new:.2f}")
+        if move == 0 and regime in ("ok", "infeasible"):
+            # measured-SLO feedback: one flip toward the pool that misses its SLO
+            if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
+                    cfg.min_decode, math.ceil(need_d * (1 + h)) if regime == "ok" else need_d):
+                move, why = 1, (f"feedback: prefill misses SLO (TTFT p90 "
+                                f"{m['ttft_p90_ms']:.0f} ms) and decode has slack")
+            elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
+                    cfg.min_prefill, math.ceil(need_p * (1 + h)) if regime == "ok" else need_p):
+                move, why = -1, (f"feedback: decode misses SLO (TPOT p90 "
+                                 f"{m['tpot_p90_ms']:.0f} ms) and prefill has slack")
+        if move == 0:
+            return 0, ""
+        # global cooldowns
+        direction = "decode->prefill" if move > 0 else "prefill->decode"
+        since = now - self._last_flip_t
+        if since < cfg.cooldown_s:
+            return 0, f"blocked by cooldown ({since:.1f}s < {cfg.cooldown_s}s): {why}"
+        if self._last_flip_dir is not None and direction != self._last_flip_dir and \
+                since < cfg.reverse_cooldown_s:
+            return 0, f"blocked by reverse cooldown ({since:.1f}s): {why}"
+        k = self._max_flips(G)
+        move = max(-k, min(k, move))
+        # never drain a pool below its minimum
+        if move > 0:
+            move = min(move, max(0, D - cfg.min_decode))
+        else:
+            move = -min(-move, max(0, P - cfg.min_prefill))
+        return move, why
+
+    def _eligible(self, w: WorkerView, now: float) -> bool:
+        if w.state != "active" or str(w.worker_id) in self._pending:
+            return False
+        last = max(finite(w.since, -math.inf), self._last_change.get(str(w.worker_id), -math.inf))
+        return now - last >= self.cfg.min_dwell_s
+
+    def _flip(self, now: float, move: int, why: str, pools: dict, inputs: dict) -> list[Decision]:
+        if move > 0:
+            src, dst = "decode", "prefill"
+            cands = sorted((w for w in pools["decode"] if self._eligible(w, now)),
+                           key=lambda w: (nonneg(w.num_running) + nonneg(w.num_waiting),
+                                          nonneg(w.kv_usage), str(w.worker_id)))
+        else:
+            src, dst = "prefill", "decode"
+            cands = sorted((w for w in pools["prefill"] if self._eligible(w, now)),
+                           key=lambda w: (nonneg(w.waiting_prefill_tokens), nonneg(w.num_waiting),
+                                          nonneg(w.num_running), str(w.worker_id)))
+        chosen = cands[:abs(move)]
+        if not chosen:
+            inputs["move"]["blocked"] = "no worker past its minimum dwell"
+            return []
+        out = []
+        dinputs = self._decision_inputs(inputs)
+        for w in chosen:
+            wid = str(w.worker_id)
+            self._pending[wid] = (dst, now)
+            self._last_change[wid] = now
+            self.flips[f"{src}->{dst}"] += 1
+            detail = (f"; worker had {int(nonneg(w.num_running))} running decodes, kv "
+                      f"{nonneg(w.kv_usage):.0%}" if src == "decode" else
+                      f"; worker had {int(nonneg(w.waiting_prefill_tokens))} queued prefill tokens")
+            out.append(Decision(time=now, action="flip", worker_id=w.worker_id, from_role=src,
+                                to_role=dst, reason=why + detail, inputs=dinputs))
+        self._last_flip_t = now
+        self._last_flip_dir = f"{src}->{dst}"
+        return out
+
+    def _scale(self, now: float, pools: dict, need_p: int, need_d: int, flips: list[Decision],
+               inputs: dict, idle: bool) -> list[Decision]:
+        cfg = self.cfg
+        # the split after this tick's flips
+        P, D = len(pools["prefill"]), len(pools["decode"])
+        for d in flips:
+            if d.action == "flip":
+                P += 1 if d.to_role == "prefill" else -1
+                D += 1 if d.to_role == "decode" else -1
+        T = P + D
+        min_g = cfg.min_gpus if cfg.min_gpus is not None else cfg.min_prefill + cfg.min_decode
+        max_g = cfg.max_gpus if cfg.max_gpus is not None else max(T, min_g)
+        t_need = need_p + need_d
+        t_want = max(min_g, min(max_g, t_need + int(round(t_need * cfg.scale_headroom))))
+        inputs["scale"] = {"total": T, "need": t_need, "want": t_want, "min": min_g, "max": max_g}
+        out: list[Decision] = []
+        dinputs = self._decision_inputs(inputs)
+        k = self._max_flips(max(T, 1))
+        # ------------------------------------------------------------------ scale out
+        short_p, short_d = max(0, need_p - P), max(0, need_d - D)
+        if T < min_g:
+            short_d = max(short_d, min_g - T - short_p)
+        n_start = min(short_p + short_d, max_g - T, k)
+        if n_start > 0 and now - self._last_start_t >= cfg.start_cooldown_s:
+            self._low_since = None
+            for i in range(n_start):
+                role = "prefill" if short_p > 0 and (short_p >= short_d or short_d == 0) else "decode"
+                if role == "prefill":
+                    short_p -= 1
+                else:
+                    short_d -= 1
+                self.starts += 1
+                out.append(Decision(time=now, action="start", to_role=role, inputs=dinputs,
+                                    reason=(f"scale out: need {need_p}P+{need_d}D > "
+                                            f"{P}P+{D}D in service (max {max_g})")))
+            self._last_start_t = now
+            return out
+        # ------------------------------------------------------------------ scale in
+        excess = T - t_want
+        if excess >= 1 and not flips:
+            self._low_since = now if self._low_since is None else self._low_since
+            if now - self._low_since >= cfg.scale_in_delay_s and \
+                    now - self._last_stop_t >= cfg.start_cooldown_s:
+                n = min(excess, k)
+                for _ in range(n):
+                    slack_p = P - max(need_p, cfg.min_prefill)
+                    slack_d = D - max(need_d, cfg.min_decode)
+                    if slack_p <= 0 and slack_d <= 0:
+                        break
+                    role = "prefill" if slack_p > slack_d else "decode"
+                    pool = [w for w in pools[role] if w.state == "active"
+                            and str(w.worker_id) not in self._pending
+                            and not any(d.worker_id == w.worker_id for d in out)]
+                    if not pool:
+                        break
+                    w = min(pool, key=lambda w: (nonneg(w.num_running) + nonneg(w.num_waiting),
+                                                 nonneg(w.waiting_prefill_tokens),
+                                                 str(w.worker_id)))
+                    if role == "prefill":
+                        P -= 1
+                    else:
+                        D -= 1
+                    self.stops += 1
+                    self._pending[str(w.worker_id)] = ("stopped", now)
+                    out.append(Decision(time=now, action="stop", worker_id=w.worker_id,
+                                        from_role=role, inputs=dinputs, graceful=True,
+                                        reason=(f"scale in: {T} in service > want {t_want} for "
+                                                f"{now - self._low_since:.0f}s"
+                                                + (" (idle)" if idle else ""))))
+                if out:
+                    self._last_stop_t = now
+        else:
+            self._low_since = None
+        return out
+
+    @staticmethod
+    def _decision_inputs(inputs: dict) -> dict:
+        keys = ("now", "measured", "pressure", "predicted", "need", "split", "util", "target",
+                "regime", "capacity")
+        return jsonable({k: inputs[k] for k in keys if k in inputs})
+
+    @staticmethod
+    def _hold_reason(regime: str, need_p: int, need_d: int, G: int) -> str:
+        if regime == "idle":
+            return "zero traffic: holding the current split"
+        return (f"demand exceeds the budget: need {need_p} prefill + {need_d} decode "
+                f"> {G} workers; SLOs cannot all be met")
+
+
+def apply_decisions_sync(decisions: Iterable[Decision], connector: Any) -> list[Any]:
+    """Apply decisions through a connector whose methods return immediately (see connector.py)."""
+    out = []
+    for d in decisions:
+        if d.action == "flip":
+            out.append(connector.flip(d.worker_id, d.to_role))
+        elif d.action == "start":
+            out.append(connector.start_worker(d.to_role))
+        elif d.action == "stop":
+            out.append(connector.stop_worker(d.worker_id, graceful=d.graceful))
+    return out
