@@ -160,9 +160,17 @@ def summarize(records: Sequence[RequestRecord], duration_s: float, *,
         "cost_per_mtok_usd": cost_per_mtok_usd(gpu_hours, usd_per_gpu_hour, out_tok),
         "errors": dict(sorted(Counter(r.error_kind or "unknown" for r in failed).items())),
         "short_outputs": sum(1 for r in ok if r.output_tokens < r.osl_requested),
+        "prefix_cache_hit_rate": _cache_hit_rate(ok),
         "dispatch_lag_ms": dist([r.dispatch_lag_s for r in records], 1e3),
     }
     return m
+
+
+def _cache_hit_rate(ok: Sequence[RequestRecord]) -> float | None:
+    """Prompt tokens served from the server's prefix cache / prompt tokens, where it reports them."""
+    rep = [r for r in ok if r.cached_tokens is not None]
+    total = sum((r.prompt_tokens if r.prompt_tokens is not None else r.isl) for r in rep)
+    return sum(r.cached_tokens for r in rep) / total if rep and total else None
 
 
 def dispatch_stats(records: Iterable[RequestRecord]) -> dict:

@@ -145,6 +145,8 @@ def summary_table(report: dict, title: str | None = None):
         ("goodput req/s/GPU", [_f(m.get("goodput_per_gpu"), 3) for m in summ.values()]),
         ("SLO attainment %", ["-" if m["slo_attainment"] is None else f"{100 * m['slo_attainment']:.1f}"
                               for m in summ.values()]),
+        ("prefix cache hit %", ["-" if m.get("prefix_cache_hit_rate") is None
+                                else f"{100 * m['prefix_cache_hit_rate']:.1f}" for m in summ.values()]),
         ("GPU hours", [_f(m["gpu_hours"], 4) for m in summ.values()]),
         ("$ / M output tok", [_f(m["cost_per_mtok_usd"], 3) for m in summ.values()]),
     ]

@@ -94,3 +94,21 @@ def test_trace_slice_against_tandem_serve(live_server, traces_dir, tmp_path, con
     assert over["cost_per_mtok_usd"] > 0
     for name in ("latency_cdf.png", "timeline.png"):
         assert (plots / name).stat().st_size > 10_000
+
+
+def test_mooncake_prefixes_hit_the_prefix_cache(live_server, traces_dir, tmp_path, consistent):
+    from tandem.bench.cli import build_parser, run
+    out = tmp_path / "moon.json"
+    args = build_parser().parse_args([
+        "--url", live_server, "--trace", str(traces_dir / "mooncake_fast25_conversation_0-30min.jsonl"),
+        "--max-requests", "12", "--time-scale", "0.05", "--max-isl", "1100", "--max-osl", "4",
+        "--request-timeout", "120", "--out", str(out), "--no-progress", "--quiet"])
+    assert run(args) == 0
+    rep = json.loads(out.read_text())
+    consistent(rep)
+    over = rep["summary"]["overall"]
+    assert over["requests_completed"] == 12, over["errors"]
+    # all 12 rows start with hash id 0: once the first is in the cache, later ones reuse 512 tokens
+    if over["prefix_cache_hit_rate"] is not None:
+        assert over["prefix_cache_hit_rate"] > 0
+        assert max(r["cached_tokens"] or 0 for r in rep["requests"]) >= 512

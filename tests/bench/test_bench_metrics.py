@@ -64,6 +64,10 @@ def test_summary_block_by_hand():
     assert m["errors"] == {"http_500": 1}
     assert m["cost_per_mtok_usd"] == pytest.approx((2 * 1.21 / 3600) * 3.0 / (5 / 1e6))
     assert m["dispatch_lag_ms"]["p50"] == pytest.approx(0.0)
+    assert m["prefix_cache_hit_rate"] is None                  # the server reported no cached tokens
+    rs[0].cached_tokens, rs[0].prompt_tokens = 5, 10
+    rs[1].cached_tokens = 50                                   # prompt_tokens unknown: isl (100) is used
+    assert summarize(rs, dur)["prefix_cache_hit_rate"] == pytest.approx(55 / 110)
     # a tighter TPOT SLO drops a as well
     m2 = summarize(rs, dur, default_slo=(0.150, 0.070))
     assert m2["goodput"] == 0.0 and m2["slo_attainment"] == 0.0
