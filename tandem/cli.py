@@ -178,8 +178,8 @@ def _validate_serve_args(args) -> None:
         v = getattr(args, k)
         if v is not None and v < 1:
             raise CLIError(f"--{k.replace('_', '-')} must be >= 1")
-    if not (0 < args.port < 65536):
-        raise CLIError("--port must be in 1..65535")
+    if not (0 <= args.port < 65536):
+        raise CLIError("--port must be in 0..65535 (0: any free port)")
     if args.max_waiting < 0:
         raise CLIError("--max-waiting must be >= 0")
 
@@ -241,6 +241,12 @@ async def _announce(state, args, n: int) -> None:
     else:
         errs = "; ".join(f"{w.worker_id}: {w.error}" for w in state.client.workers.values() if w.error)
         msg = f"tandem: only {alive}/{n} worker(s) ready on http://{args.host}:{args.port}" + (f" ({errs})" if errs else "")
+        if alive == 0:
+            msg = "tandem: no worker could start, shutting down" + (f" ({errs})" if errs else "")
+            server = state.extra.get("uvicorn")
+            if server is not None:
+                state.extra["exit_code"] = 1
+                server.should_exit = True
     log.info(msg)
     print(msg, file=sys.stderr, flush=True)
 
@@ -253,11 +259,12 @@ def cmd_serve(args) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),
                             access_log=level == "DEBUG", timeout_graceful_shutdown=3, lifespan="on")
     server = uvicorn.Server(config)
+    state.extra["uvicorn"] = server
     try:
         server.run()
     finally:
         runtime.shutdown()
-    return 0 if server.started else 1
+    return state.extra.get("exit_code", 0) if server.started else 1
 
 
 # ============================================================================ other commands

@@ -77,3 +77,20 @@ def test_model_init_command(tmp_path):
     assert cli.main(["model", "init", str(out), "--preset", "tiny", "--device", "cpu"]) == 0
     assert (out / "model.safetensors").is_file()
     assert cli.main(["model", "init", str(tmp_path / "x"), "--preset", "nope"]) == 2
+
+
+def test_serve_exits_when_no_worker_can_start(tmp_path, llama_dir):
+    import shutil
+    bad = tmp_path / "bad"
+    shutil.copytree(llama_dir, bad)
+    (bad / "model.safetensors").write_bytes(b"not safetensors")
+    r = subprocess.run([sys.executable, "-m", "tandem.cli", "serve", "--model", str(bad), "--port", "0",
+                        "--log-level", "warning"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert r.returncode == 1
+    assert "no worker could start" in r.stderr
+
+
+def test_serve_cuda_without_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(cli, "visible_gpus", lambda: [])
+    assert cli.main(["serve", "--device", "cuda"]) == 2
+    assert "no GPU" in capsys.readouterr().err

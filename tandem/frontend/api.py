@@ -74,6 +74,7 @@ class ServerState:
         self.admission = AdmissionController(0, config.max_waiting)
         self.metrics = Metrics(self)
         self.created = int(time.time())
+        self.extra: dict = {}                 # for the embedding program (e.g. the uvicorn server)
         self._model_cfg = _read_json(Path(config.model_dir) / "config.json")
         client.on_change = self._workers_changed
 
@@ -460,6 +461,7 @@ class _Run:
         self.n_cached = [0] * n
         self.finished = [False] * n
         self.text_offset = [0] * n
+        self.prompt_ids_sent: set[int] = set()
         self.cleaned = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -678,7 +680,8 @@ class _Run:
                       "logprobs": self.completion_logprobs(i, d.logprobs) if p.want_logprobs else None,
                       "finish_reason": d.finish_reason if d.finished else None}
                 if p.return_token_ids:
-                    if not self.first_chunk_sent(i):
+                    if i not in self.prompt_ids_sent:
+                        self.prompt_ids_sent.add(i)
                         ch["prompt_token_ids"] = p.subs[i].prompt_ids
                     ch["token_ids"] = list(d.new_token_ids)
                 chunk = {**base, "choices": [ch]}
@@ -690,15 +693,6 @@ class _Run:
             yield "data: [DONE]\n\n"
         finally:
             self.cleanup()
-
-    def first_chunk_sent(self, i: int) -> bool:
-        sent = getattr(self, "_ptids_sent", None)
-        if sent is None:
-            sent = self._ptids_sent = set()
-        if i in sent:
-            return True
-        sent.add(i)
-        return False
 
 
 # ====================================================================== the app

@@ -374,6 +374,13 @@ class EngineClient:
                 self._ready_event.set()
             elif w.alive and now - w.last_seen > self.heartbeat_timeout:
                 self._mark_dead(wid, f"no heartbeat for {now - w.last_seen:.1f}s")
+                # it may still be running (hung, or cut off): make sure it stops holding KV and GPU
+                kill = getattr(self.runtime, "kill", None)
+                if kill is not None:
+                    try:
+                        kill(wid)
+                    except Exception:  # noqa: BLE001
+                        log.exception("could not kill unresponsive worker %s", wid)
 
     def _mark_dead(self, worker_id: str, reason: str, state: str = "dead") -> None:
         w = self.workers.get(worker_id)

@@ -27,6 +27,10 @@ class Runtime(ABC):
     @abstractmethod
     def stop_worker(self, worker_id: str, timeout: float = 5.0) -> None: ...
 
+    def kill(self, worker_id: str) -> None:
+        """Stop a worker at once, without waiting (one that stopped answering). Default: stop_worker."""
+        self.stop_worker(worker_id, timeout=0.0)
+
     @abstractmethod
     def exited(self) -> dict[str, int]:
         """worker_id -> exit code, for every started worker whose process has ended."""

@@ -77,6 +77,15 @@ class LocalRuntime(Runtime):
     def exited(self) -> dict[str, int]:
         return {wid: p.returncode for wid, p in self.procs.items() if p.poll() is not None}
 
+    def kill(self, worker_id: str) -> None:
+        """SIGKILL a worker now, without waiting (e.g. one that stopped answering)."""
+        p = self.procs.get(worker_id)
+        if p is not None and p.poll() is None:
+            try:
+                os.kill(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
     def stop_worker(self, worker_id: str, timeout: float = 5.0) -> None:
         p = self.procs.get(worker_id)
         if p is not None:

@@ -18,14 +18,14 @@ def test_openapi_schema_served(server):
         assert p in paths
 
 
-def test_schemathesis_finds_no_server_errors(server):
+def test_schemathesis_finds_no_server_errors(server, tmp_path):
     exe = shutil.which("schemathesis") or shutil.which("st")
     if exe is None:
         pytest.skip("schemathesis CLI not installed")
     cmd = [exe, "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
            "--phases", "coverage,fuzzing", "--max-examples", "10", "--seed", "1", "--no-shrink",
            "--workers", "1", "--request-timeout", "60", "-H", f"Authorization: Bearer {API_KEY}"]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=tmp_path)   # its cache dir goes there
     out = r.stdout[-8000:] + r.stderr[-3000:]
     assert r.returncode == 0, out
     assert "No issues found" in out, out

@@ -89,13 +89,30 @@ def test_200_aborted_streams_free_kv(server2):
     t = _wait_idle(server2)
     assert t["kv_blocks_used"] == base["kv_blocks_used"], t
     assert t["requests_in_flight"] == 0 and t["running"] == 0, t
+    assert _aborted(server2) >= 200
     m = httpx.get(server2.url + "/metrics").text
-    aborted = sum(float(line.split()[-1]) for line in m.splitlines()
-                  if line.startswith("tandem_requests_aborted_total"))
-    assert aborted >= 200
     for line in m.splitlines():
         if line.startswith("tandem_kv_blocks_used{"):
             assert float(line.split()[-1]) == 0.0, line
+
+
+def _aborted(server) -> float:
+    m = httpx.get(server.url + "/metrics").text
+    return sum(float(line.split()[-1]) for line in m.splitlines() if line.startswith("tandem_requests_aborted_total"))
+
+
+def test_non_streaming_disconnect_aborts(server2):
+    _wait_idle(server2)
+    before = _aborted(server2)
+    body = {"model": "tiny", "prompt": "long one", "max_tokens": 1000, "ignore_eos": True}   # ~10 s each
+    for _ in range(3):
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(server2.url + "/v1/completions", json=body, timeout=0.4)
+    t0 = time.monotonic()
+    t = _wait_idle(server2, timeout=5)
+    assert time.monotonic() - t0 < 4
+    assert t["kv_blocks_used"] == 0 and t["requests_in_flight"] == 0 and t["running"] == 0, t
+    assert _aborted(server2) - before == 3
 
 
 def test_worker_killed_mid_request(server2):
