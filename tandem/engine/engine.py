@@ -156,8 +156,8 @@ class Engine:
         if req.finish_reason is None and (n_out >= p.max_tokens or req.num_tokens >= self.max_model_len):
             req.finish_reason = "length"
         if req.finish_reason is not None:
-            if not stopped_by_string:
-                req.text += req.detok.flush()            # an incomplete UTF-8 tail, if any
+            if not stopped_by_string and not req.hold_kv:
+                req.text += req.detok.flush()            # an incomplete UTF-8 tail (continued elsewhere if held)
             self._finish(req)
             return self._make_output(req, finished=True)
         return self._make_output(req, finished=False)
@@ -175,10 +175,34 @@ class Engine:
         self.scheduler.remove(req)
         del self.requests[req.request_id]
         if req.hold_kv:
+            req.held_at = time.monotonic()
             self.held[req.request_id] = req
 
-    def _make_output(self, req: Request, finished: bool) -> RequestOutput:
-        hold = 0 if finished or not req.params.stop else max(len(s) for s in req.params.stop) - 1
+    def detach_request(self, request_id: str) -> RequestOutput | None:
+        """Stop generating a live request but keep its computed KV held for export, so another worker
+        can continue it (role flip decode→prefill). Returns a last, unfinished delta with any tokens
+        and text not yet emitted; the caller re-dispatches the request with `output_token_ids`."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self.scheduler.waiting.remove(req) if req in self.scheduler.waiting else self.scheduler.running.remove(req)
+        req.status = Status.FINISHED
+        req.held_at = time.monotonic()
+        self.held[request_id] = req
+        return self._make_output(req, finished=False, hold_text=False)
+
+    def release_stale_held(self, ttl_s: float) -> list[str]:
+        """Free held KV nobody fetched within `ttl_s` (its decode worker died or gave up)."""
+        now = time.monotonic()
+        stale = [rid for rid, r in self.held.items() if now - r.held_at > ttl_s]
+        for rid in stale:
+            self.release_kv(rid)
+        return stale
+
+    def _make_output(self, req: Request, finished: bool, hold_text: bool = True) -> RequestOutput:
+        """The delta since the last one. While a request has stop strings, the last (longest stop - 1)
+        characters are held back so a stop string is never streamed."""
+        hold = 0 if finished or not hold_text or not req.params.stop else max(len(s) for s in req.params.stop) - 1
         end = max(req.sent_text_len, len(req.text) - hold)
         new_text = req.text[req.sent_text_len:end]
         req.sent_text_len = end

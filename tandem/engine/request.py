@@ -34,6 +34,7 @@ class Request:
     num_preemptions: int = 0
     seq: int = 0                          # admission order, FCFS tie-break
     finish_reason: str | None = None
+    held_at: float = 0.0
     # per-request output state (set by the engine)
     detok: object = None
     generator: object = None

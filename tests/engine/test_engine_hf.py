@@ -147,3 +147,32 @@ def test_bad_input(llama_dir, tmp_path):
             SamplingParams(**bad)
     with pytest.raises(ModelDirError):
         Engine(EngineConfig(str(tmp_path / "nope"), device="cpu"))
+
+
+def test_detach_and_continue_elsewhere(llama_dir, tmp_path):
+    """Migration (decode→prefill flip): detach mid-generation, move the KV, finish on another engine."""
+    p = prompts(6, lens=(29,))[0]
+    ref = LLM(llama_dir, device="cpu").generate([p], SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))[0]
+    a = Engine(EngineConfig(llama_dir, device="cpu"))
+    b = Engine(EngineConfig(llama_dir, device="cpu"))
+    a.add_request("m", p, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))
+    toks, text = [], ""
+    for _ in range(6):
+        for d in a.step():
+            toks += d.new_token_ids
+            text += d.new_text
+    last = a.detach_request("m")
+    toks += last.new_token_ids
+    text += last.new_text
+    assert not a.has_unfinished_requests() and len(toks) == 6
+    kv = a.export_kv("m")
+    a.release_kv("m")
+    assert a.kv.pool.num_used == 0
+    b.add_request("m", p, SamplingParams(temperature=0, max_tokens=15, ignore_eos=True), output_token_ids=toks,
+                  kv_import=kv)
+    while b.has_unfinished_requests():
+        for d in b.step():
+            toks += d.new_token_ids
+            text += d.new_text
+    assert toks == ref.token_ids and text == ref.text
+    assert b.stats().prompt_tokens_computed == 0
