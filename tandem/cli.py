@@ -74,7 +74,6 @@ def ensure_preset_model(preset: str, device: str = "cpu") -> Path:
         if (d / "config.json").is_file():
             return d
         tmp = Path(tempfile.mkdtemp(prefix=f".{preset}-", dir=root))
-        log.info("creating the %r model in %s (one time)", preset, d)
         print(f"tandem: creating the {preset!r} model in {d} (one time)", file=sys.stderr, flush=True)
         cmd = [sys.executable, "-m", "tandem.model.init", str(tmp / "m"), "--preset", preset,
                "--device", "cuda" if device.startswith("cuda") else "cpu"]
@@ -247,7 +246,6 @@ async def _announce(state, args, n: int) -> None:
             if server is not None:
                 state.extra["exit_code"] = 1
                 server.should_exit = True
-    log.info(msg)
     print(msg, file=sys.stderr, flush=True)
 
 
