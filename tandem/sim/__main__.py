@@ -1,0 +1,5 @@
+import sys
+
+from tandem.sim.cli import main
+
+sys.exit(main())

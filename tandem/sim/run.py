@@ -1,0 +1,280 @@
+"""Build and run one simulation from parsed `tandem sim` arguments; produce the bench report.
+
+Requests come from the bench's own planning (`tandem.bench.cli.plan_requests`: the same trace
+readers, slicing, jitter, time scaling, workloads and seeds), so `tandem sim` with the flags of a
+`tandem bench` run replays exactly the requests that run sent. The report is built by
+`tandem.bench.report.build_report` and plotted by `tandem.bench.plots`, so the two compare line by
+line.
+
+Scaling a trace up (`--replicate R`): R copies of the planned requests; copy r's arrivals are shifted
+circularly by a random fraction of the span (`--replicate-shift random`, seeded; the span and the
+mean rate x R are kept, bursts land at different times in different copies) or not at all
+(`none`: every burst is R times taller). Copies never share prefix blocks (their hash ids live in
+different namespaces). Together with `--time-scale` (compress time) this sets the load.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import math
+import random
+import time
+from dataclasses import replace
+
+from tandem.engine.sim_engine import SimEngineConfig
+from tandem.sim.cluster import ClusterConfig, SimCluster
+from tandem.sim.profile import SimProfile
+
+TOKEN_TIMES_BUDGET = 3_000_000     # per-token times kept in the report by --token-times auto
+
+
+class SimInputError(ValueError):
+    pass
+
+
+def plan(args) -> tuple[list, dict]:
+    """The request list (bench planning + replication) and a description for the config."""
+    from tandem.bench import traces as tr
+    from tandem.bench.cli import plan_requests
+    reqs, info = plan_requests(args)
+    R = int(getattr(args, "replicate", 1) or 1)
+    if R > 1:
+        reqs = replicate(reqs, R, getattr(args, "replicate_shift", "random"), args.seed)
+        info["replicate"] = R
+        info["replicate_shift"] = getattr(args, "replicate_shift", "random")
+    reqs = tr.finalize(reqs)
+    return reqs, info
+
+
+def replicate(reqs: list, R: int, shift: str = "random", seed: int = 0) -> list:
+    if not reqs:
+        return reqs
+    t0 = min(r.arrival_s for r in reqs)
+    span = max(r.arrival_s for r in reqs) - t0
+    period = span + (span / max(1, len(reqs) - 1) if len(reqs) > 1 else 1.0)
+    rng = random.Random(seed ^ 0x5EED)
+    nss = max((r.namespace for r in reqs), default=0) + 1
+    out = []
+    for c in range(R):
+        off = 0.0 if (c == 0 or shift == "none") else rng.random() * period
+        for r in reqs:
+            t = r.arrival_s - t0 + off
+            if t >= period:
+                t -= period
+            out.append(replace(r, arrival_s=t0 + t, namespace=r.namespace + c * nss, idx=-1))
+    out.sort(key=lambda r: r.arrival_s)
+    return out
+
+
+def roles_from_args(args) -> list[str]:
+    P, D, G = args.prefill, args.decode, args.gpus
+    if P is None and D is None:
+        if G is None:
+            raise SimInputError("give --gpus N (aggregated) or --prefill P --decode D (disaggregated)")
+        return ["both"] * G
+    P, D = P or 0, D or 0
+    if P < 0 or D < 0:
+        raise SimInputError("--prefill and --decode must be >= 0")
+    if P == 0 and D > 0:
+        raise SimInputError("disaggregated serving needs --prefill >= 1 (or use --gpus for aggregated)")
+    if D == 0 and P > 0 and (G is None or G <= P):
+        raise SimInputError("disaggregated serving needs --decode >= 1")
+    both = 0
+    if G is not None:
+        if G < P + D:
+            raise SimInputError(f"--gpus {G} is less than --prefill {P} + --decode {D}")
+        both = G - P - D
+    return ["prefill"] * P + ["decode"] * D + ["both"] * both
+
+
+def _kv(items) -> dict:
+    out = {}
+    for it in items or []:
+        for part in str(it).split(","):
+            if not part.strip():
+                continue
+            if "=" not in part:
+                raise SimInputError(f"expected KEY=VALUE, got {part!r}")
+            k, v = part.split("=", 1)
+            v = v.strip()
+            try:
+                val = int(v)
+            except ValueError:
+                try:
+                    val = float(v)
+                except ValueError:
+                    val = {"true": True, "false": False, "none": None}.get(v.lower(), v)
+            out[k.strip().replace("-", "_")] = val
+    return out
+
+
+def make_planner(args, profile: SimProfile, n_gpus: int):
+    name = args.planner
+    if not name:
+        return None, None
+    extra = _kv(getattr(args, "planner_arg", None))
+    if name in ("tandem", "default"):
+        from tandem.planner.planner import Planner
+        from tandem.planner.types import PlannerConfig
+        d = {"tick_s": args.planner_tick}
+        if args.slo_ttft_ms:
+            d["slo_ttft_ms"] = args.slo_ttft_ms
+        if args.slo_tpot_ms:
+            d["slo_tpot_ms"] = args.slo_tpot_ms
+        if args.min_gpus is not None:
+            d["min_gpus"] = args.min_gpus
+        if args.max_gpus is not None:
+            d["max_gpus"] = args.max_gpus
+        d.update(extra)
+        try:
+            cfg = PlannerConfig.from_dict(d)
+        except (TypeError, ValueError) as e:
+            raise SimInputError(f"planner config: {e}") from None
+        return Planner(cfg, profile=profile.raw), cfg.to_dict()
+    if name == "dynamo":
+        from tandem.planner.dynamo_baseline import DynamoBaseline, DynamoConfig
+        d = {"max_gpu_budget": args.max_gpus or n_gpus}
+        if args.slo_ttft_ms:
+            d["slo_ttft_ms"] = args.slo_ttft_ms
+        if args.slo_tpot_ms:
+            d["slo_itl_ms"] = args.slo_tpot_ms
+        d.update(extra)
+        try:
+            cfg = DynamoConfig(**d)
+        except TypeError as e:
+            raise SimInputError(f"dynamo planner config: {e}") from None
+        return DynamoBaseline(cfg, profile=profile.raw), cfg.to_dict()
+    raise SimInputError(f"unknown planner {name!r}; choose tandem or dynamo")
+
+
+def token_times_mode(spec: str, reqs: list) -> str:
+    if spec == "auto":
+        total = sum(r.osl for r in reqs)
+        if total <= TOKEN_TIMES_BUDGET:
+            return "all"
+        return f"every:{math.ceil(total / TOKEN_TIMES_BUDGET)}"
+    if spec in ("all", "none"):
+        return spec
+    if spec.startswith("every:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            k = 0
+        if k >= 1:
+            return "all" if k == 1 else spec
+    raise SimInputError(f"--token-times must be auto, all, none or every:K, got {spec!r}")
+
+
+def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster]:
+    """Run the simulation for planned requests; returns (report, cluster)."""
+    from tandem.bench.cli import _parse_slos, _shape
+    from tandem.bench.report import build_report
+    profile = SimProfile.load(args.profile) if isinstance(args.profile, str) else SimProfile.coerce(args.profile)
+    roles = roles_from_args(args)
+    caching = args.prefix_caching
+    if caching == "auto":
+        caching = "on" if any(r.hash_ids for r in reqs) else "off"
+    bs = args.block_size or profile.block_size
+    ecfg = SimEngineConfig(
+        block_size=bs, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
+        enable_prefix_caching=(caching == "on"), aging_s=args.aging_s,
+        step_overhead_s=args.step_overhead_ms / 1e3, fast_forward=not args.no_fast_forward)
+    tt = token_times_mode(args.token_times, reqs)
+    ccfg = ClusterConfig(
+        roles=roles, router_mode=args.router_mode, publish_interval_s=args.publish_interval,
+        planner_tick_s=args.planner_tick, planner_window_s=args.planner_window,
+        transfer_gbps=args.transfer_gbps, transfer_latency_s=args.transfer_latency_ms / 1e3,
+        local_prefill_tokens=args.local_prefill_tokens, request_overhead_s=args.request_overhead_ms / 1e3,
+        token_times=tt, seed=args.seed, engine=ecfg,
+        router_impl=getattr(args, "router_impl", "indexed"))
+    planner, planner_cfg = make_planner(args, profile, len(roles))
+    slo_by_class = _parse_slos(args.slo or [])
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    cluster = SimCluster(profile, ccfg, reqs, planner=planner)
+    w0, c0 = time.perf_counter(), time.process_time()
+    cluster.run(progress=progress)
+    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+    records = cluster.records()
+    e0 = cluster.workers[0].engine
+    scaling = planner is not None and (args.min_gpus is not None or args.max_gpus is not None or args.planner == "dynamo")
+    virtual = cluster.now
+    steps = sum(w.engine._stats.steps for w in cluster.workers)
+    win_steps = sum(w.engine.window_steps for w in cluster.workers)
+    config = {
+        "tool": "tandem sim",
+        "version": _version(),
+        "label": args.label,
+        "started_at": started,
+        "wall_s": round(wall, 3),
+        "url": None,
+        "endpoint": "completions",
+        "model": profile.model,
+        "server_is_tandem": True,
+        "cluster_polled": True,
+        **src_info,
+        "plan": _shape(reqs),
+        "time_scale": args.time_scale,
+        "trace_start_s": args.trace_start,
+        "duration_limit_s": args.duration,
+        "max_requests": args.max_requests,
+        "rate": args.rate,
+        "arrival": args.arrival,
+        "seed": args.seed,
+        "max_isl": args.max_isl,
+        "max_osl": args.max_osl,
+        "classify": args.classify,
+        "prompt_mode": "ids",
+        "tokenizer": None,
+        "ignore_eos": True,
+        "send_priority": True,
+        "priority_format": "name",
+        "max_concurrency": None,
+        "slo_ttft_ms": args.slo_ttft_ms,
+        "slo_tpot_ms": args.slo_tpot_ms,
+        "slo_by_class": slo_by_class,
+        "gpus": None if scaling else len(roles),
+        "gpu_hour_usd": args.gpu_hour_usd,
+        "sim": {
+            "profile": profile.describe(),
+            "workers": len(roles),
+            "roles": {r: roles.count(r) for r in ("prefill", "decode", "both") if roles.count(r)},
+            "router_mode": args.router_mode,
+            "planner": args.planner or None,
+            "planner_config": planner_cfg,
+            "planner_decisions": cluster.decisions,
+            "engine": {"block_size": bs, "num_kv_blocks": e0.kv.pool.num_blocks,
+                       "max_num_seqs": ecfg.max_num_seqs,
+                       "max_num_batched_tokens": ecfg.max_num_batched_tokens,
+                       "max_model_len": ecfg.max_model_len, "prefix_caching": caching == "on",
+                       "aging_s": ecfg.aging_s, "step_overhead_ms": args.step_overhead_ms,
+                       "fast_forward": ecfg.fast_forward},
+            "publish_interval_s": args.publish_interval,
+            "transfer_gbps": args.transfer_gbps if args.transfer_gbps is not None else profile.copy_bandwidth_gbps,
+            "transfer_latency_ms": args.transfer_latency_ms,
+            "local_prefill_tokens": args.local_prefill_tokens,
+            "request_overhead_ms": args.request_overhead_ms,
+            "token_times": tt,
+            "virtual_s": round(virtual, 6),
+            "speedup": round(virtual / wall, 2) if wall > 0 else None,
+            "cpu_s": round(cpu, 3),
+            "speedup_cpu": round(virtual / cpu, 2) if cpu > 0 else None,
+            "events": cluster.events,
+            "engine_steps": steps,
+            "window_steps": win_steps,
+            "preemptions": sum(w.engine.scheduler.num_preemptions for w in cluster.workers),
+            "gpu_hours_in_service": round(cluster.gpu_seconds() / 3600.0, 6),
+            "kv_leaks": cluster.leaks(),
+        },
+    }
+    report = build_report(config, records, cluster.timeline)
+    if getattr(args, "records", "all") == "none":
+        report["requests"] = []
+    return report, cluster
+
+
+def _version() -> str:
+    try:
+        import tandem
+        return tandem.__version__
+    except Exception:  # noqa: BLE001
+        return "unknown"

@@ -1,0 +1,85 @@
+"""`tandem sim` on slices of the shared traces, and the throughput smoke test."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tandem.sim.cli import main
+
+
+def test_cli_on_azure_slice_with_plots(traces_dir, profile_path, tmp_path):
+    out, plots = tmp_path / "conv.json", tmp_path / "plots"
+    rc = main(["--trace", str(traces_dir / "azure2023_conv_181546-184500.csv"), "--duration", "60",
+               "--gpus", "2", "--profile", profile_path, "--slo-ttft-ms", "500", "--slo-tpot-ms", "50",
+               "--gpu-hour-usd", "3", "--out", str(out), "--plot", str(plots), "--quiet"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    o = rep["summary"]["overall"]
+    assert o["requests_completed"] == rep["config"]["plan"]["_all"]["requests"] > 100
+    assert rep["config"]["tool"] == "tandem sim" and rep["config"]["source"].startswith("trace:azure2023_conv")
+    assert rep["config"]["sim"]["engine"]["prefix_caching"] is False       # no hash ids in Azure
+    assert (plots / "latency_cdf.png").stat().st_size > 0 and (plots / "timeline.png").stat().st_size > 0
+    assert o["slo_attainment"] is not None and o["cost_per_mtok_usd"] is not None
+
+
+def test_cli_on_mooncake_slice_disaggregated(traces_dir, profile_path, tmp_path):
+    out = tmp_path / "mc.json"
+    rc = main(["--trace", str(traces_dir / "mooncake_fast25_conversation_0-30min.jsonl"), "--duration", "60",
+               "--max-isl", "8000", "--prefill", "2", "--decode", "2", "--profile", profile_path,
+               "--out", str(out), "--quiet"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["config"]["sim"]["engine"]["prefix_caching"] is True
+    assert rep["config"]["jitter_s"][0] > 0                 # quantized Mooncake arrivals: auto jitter
+    assert rep["summary"]["overall"]["requests_failed"] == 0
+    assert sum(r["cached_tokens"] or 0 for r in rep["requests"]) > 0    # shared prefixes hit
+    assert rep["config"]["sim"]["kv_leaks"] == {}
+
+
+def test_cli_replicate_and_two_traces_as_classes(traces_dir, profile_path, tmp_path):
+    out = tmp_path / "two.json"
+    conv = traces_dir / "azure2023_conv_181546-184500.csv"
+    code = traces_dir / "azure2023_code_181703-184500.csv"
+    rc = main(["--trace", f"{conv}#chat:interactive", "--trace", f"{code}#coding:batch", "--duration", "30",
+               "--replicate", "3", "--gpus", "4", "--profile", profile_path, "--out", str(out), "--quiet"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    plan = rep["config"]["plan"]
+    assert set(rep["summary"]) == {"overall", "chat", "coding"}
+    assert rep["config"]["replicate"] == 3 and plan["_all"]["requests"] % 3 == 0
+
+
+def test_cli_bad_input(profile_path, tmp_path):
+    out = str(tmp_path / "x.json")
+    assert main(["--workload", "chat", "--profile", "/nope.json", "--gpus", "1", "--out", out, "--quiet"]) == 2
+    assert main(["--trace", "/nope.csv", "--profile", profile_path, "--gpus", "1", "--out", out, "--quiet"]) == 2
+    assert main(["--workload", "chat", "--profile", profile_path, "--out", out, "--quiet"]) == 2   # no --gpus
+    assert main(["--workload", "chat", "--profile", profile_path, "--gpus", "2", "--prefill", "2",
+                 "--decode", "1", "--out", out, "--quiet"]) == 2
+
+
+def test_python_dash_m(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "tandem.sim", "--help"], capture_output=True, text=True)
+    assert r.returncode == 0 and "--profile" in r.stdout and "--router-mode" in r.stdout
+
+
+def test_throughput_smoke_8_gpus(traces_dir, tmp_path):
+    """8 GPUs kept busy (the conversation trace x13, ~50-70 req/s, most of their capacity with the
+    synthetic 8B profile) for 2 minutes of virtual time: a few seconds of CPU."""
+    out = tmp_path / "g8.json"
+    rc = main(["--trace", str(traces_dir / "azure2023_conv_181546-184500.csv"), "--replicate", "13",
+               "--duration", "120", "--gpus", "8", "--profile", "synthetic:8b", "--out", str(out),
+               "--quiet", "--records", "none"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    sim = rep["config"]["sim"]
+    o = rep["summary"]["overall"]
+    assert o["requests_completed"] > 5000 and o["requests_failed"] == 0
+    busy = [e["busy_frac"] for e in rep["timeline"][5:-5] if e.get("busy_frac") is not None]
+    assert sum(busy) / len(busy) > 0.8
+    assert sim["virtual_s"] > 120
+    assert sim["cpu_s"] < 30, sim                  # ~3 s on an idle core
+    assert sim["speedup_cpu"] > 4

@@ -1,0 +1,99 @@
+"""Step-time model vs the (synthetic) profile, and what the simulated engine charges per step."""
+from __future__ import annotations
+
+
+import pytest
+
+from tandem.common.sampling import SamplingParams
+from tandem.engine.sim_engine import SimEngine, SimEngineConfig
+from tandem.sim.profile import ProfileError, SimProfile, synthetic_profile
+
+
+def test_pure_prefill_matches_profile_points(profile_dict):
+    p = SimProfile(profile_dict)
+    for n, t in zip(profile_dict["prefill"]["tokens"], profile_dict["prefill"]["time_s"]):
+        assert p.prefill_time(n) == pytest.approx(t, rel=1e-12)
+        assert p.step_time(0, 0, n) == pytest.approx(t, rel=1e-12)
+    # piecewise linear in between, linear extrapolation beyond
+    assert p.prefill_time(384) == pytest.approx((0.012 + 0.020) / 2)
+    assert p.prefill_time(2048) == pytest.approx(0.036 + (0.036 - 0.020) / 512 * 1024)
+
+
+def test_pure_decode_matches_profile_grid(profile_dict):
+    p = SimProfile(profile_dict)
+    d = profile_dict["decode"]
+    for i, b in enumerate(d["batch"]):
+        for j, c in enumerate(d["context"]):
+            assert p.decode_time(b, c) == pytest.approx(d["time_s"][i][j], rel=1e-12)
+            assert p.step_time(b, b * c, 0) == pytest.approx(d["time_s"][i][j], rel=1e-12)
+    # the synthetic grid is bilinear in (b, c) at these points, so interpolation is exact
+    assert p.decode_time(20, 2000) == pytest.approx(0.005 + 0.0001 * 20 + 1e-8 * 20 * 2000, rel=1e-9)
+
+
+def test_cached_context_and_mixed_step(profile_dict):
+    p = SimProfile(profile_dict)
+    # X(c, n) = (Q(c) - Q(0)) * n / new_tokens
+    assert p.ctx_extra(1024, 256) == pytest.approx(0.002)
+    assert p.prefill_time(256, 1024) == pytest.approx(0.012 + 0.002)
+    # mixed = D(b, c) + P(N + b) - P(b) + X
+    b, c, n = 8, 1024, 256
+    want = p.decode_time(b, c) + p.linear_time(n + b) - p.linear_time(b)
+    assert p.step_time(b, b * c, n) == pytest.approx(want)
+    assert p.mixed_step_time(b, c, n, 1024) == pytest.approx(want + 0.002)
+
+
+def test_transfer_time(profile_dict):
+    p = SimProfile(profile_dict)
+    # 1000 tokens x 128 KiB at 100 GB/s
+    assert p.transfer_time(1000) == pytest.approx(1000 * 131072 / 100e9)
+    assert p.transfer_time(1000, gbps=50.0, latency_s=0.001) == pytest.approx(0.001 + 1000 * 131072 / 50e9)
+    assert p.kv_blocks(16) == 2000
+
+
+def test_bad_profiles(profile_dict):
+    with pytest.raises(ProfileError):
+        SimProfile({"prefill": {"tokens": [1], "time_s": [0.1]}})
+    d = dict(profile_dict)
+    d["decode"] = {"batch": [1, 2], "context": [1], "time_s": [[0.1]]}
+    with pytest.raises(ProfileError):
+        SimProfile(d)
+    with pytest.raises(ProfileError):
+        SimProfile.load("/nonexistent/profile.json")
+
+
+def test_synthetic_roofline_profile_is_labelled():
+    d = synthetic_profile()
+    assert d["synthetic"] is True and "NOT measured" in d["command"]
+    p = SimProfile(d)
+    assert p.decode_time(64, 2048) > p.decode_time(1, 2048) > 0
+    assert SimProfile.load("synthetic:1b").synthetic
+
+
+def test_engine_charges_profile_time_per_step(profile_dict):
+    """One request alone: the prefill step costs P(isl), each decode step D(1, context)."""
+    p = SimProfile(profile_dict)
+    e = SimEngine(p, SimEngineConfig(fast_forward=False))
+    e.add_request("a", 300, SamplingParams(max_tokens=4, ignore_eos=True))
+    t0 = e.now
+    outs = e.step()
+    assert e.now - t0 == pytest.approx(p.prefill_time(300))
+    assert outs[0].new_token_ids and not outs[0].finished
+    for k in range(3):
+        t0 = e.now
+        outs = e.step()
+        assert e.now - t0 == pytest.approx(p.decode_time(1, 300 + k + 1))
+    assert outs[0].finished and outs[0].finish_reason == "length" and outs[0].num_output_tokens == 4
+    assert e.kv.pool.num_used == 0 and not e.has_unfinished_requests()
+
+
+def test_engine_chunked_prefill_uses_cached_context_cost(profile_dict):
+    p = SimProfile(profile_dict)
+    e = SimEngine(p, SimEngineConfig(fast_forward=False, max_num_batched_tokens=256))
+    e.add_request("a", 600, SamplingParams(max_tokens=1))
+    times = []
+    while e.has_unfinished_requests():
+        t0 = e.now
+        e.step()
+        times.append(e.now - t0)
+    assert times == pytest.approx([p.prefill_time(256), p.prefill_time(256, 256), p.prefill_time(88, 512)])
+    assert e.busy_s == pytest.approx(sum(times))
