@@ -229,6 +229,15 @@ class SimEngine:
         if req is None:
             self.release_kv(request_id)
             return None
+        self._unlink(req)
+        self.scheduler.remove(req)
+        if req.hold_kv:
+            self.kv.free(req)
+        req.finish_reason = "abort"
+        return self._make_output(req, finished=True)
+
+    def _unlink(self, req: SimRequest) -> None:
+        """Take a live request out of the decode set and out of the step in flight."""
         w = self._win
         if w is not None and req in w.active:
             if self.state == WINDOW:
@@ -239,15 +248,33 @@ class SimEngine:
                 fl.remove(req)
             self._leave(w, req)
         if self._batch is not None and req in self._batch.reqs:
-            # in the step in flight: drop it from the step (its blocks are freed now)
-            i = self._batch.reqs.index(req)
+            i = self._batch.reqs.index(req)       # in the step in flight: it takes no part in it
             del self._batch.reqs[i]
             del self._batch.num_new_tokens[i]
-        self.scheduler.remove(req)
-        if req.hold_kv:
-            self.kv.free(req)
-        req.finish_reason = "abort"
-        return self._make_output(req, finished=True)
+
+    def detach_request(self, request_id: str) -> RequestOutput | None:
+        """As `Engine.detach_request`: stop generating a live request but keep its computed KV held
+        for export, so another worker can continue it (role flip decode -> prefill)."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        self._unlink(req)
+        sch = self.scheduler
+        if req in sch.waiting:
+            sch.waiting.remove(req)
+        elif req in sch.running:
+            sch.running.remove(req)
+        req.status = Status.FINISHED
+        req.held_at = self.now
+        self.held[request_id] = req
+        return self._make_output(req, finished=False)
+
+    def release_stale_held(self, ttl_s: float) -> list[str]:
+        """As `Engine.release_stale_held`, in virtual time."""
+        stale = [rid for rid, r in self.held.items() if self.now - r.held_at > ttl_s]
+        for rid in stale:
+            self.release_kv(rid)
+        return stale
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_work() or bool(self._pending) or self._win is not None
@@ -358,6 +385,7 @@ class SimEngine:
         self.scheduler.remove(req)
         del self.requests[req.request_id]
         if req.hold_kv:
+            req.held_at = now
             self.held[req.request_id] = req
         if self.on_finish is not None:
             self.on_finish(req, now)

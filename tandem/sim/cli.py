@@ -114,6 +114,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="auto: on when the requests carry prefix hash ids (Mooncake, workload prefixes); "
                         "traces without them have no shared prefixes, so caching could not hit")
     g.add_argument("--aging-s", type=float, default=30.0)
+    g.add_argument("--mixed-model", choices=("shared", "sum", "max"), default=None,
+                   help="step time of mixed prefill+decode steps (default: the profile's mixed_model, else shared)")
+    g.add_argument("--role-flip-s", type=_nonneg(float), default=None, help="override the profile's role_flip_s")
+    g.add_argument("--worker-start-s", type=_nonneg(float), default=None,
+                   help="override the profile's worker_start_s")
     g.add_argument("--step-overhead-ms", type=_nonneg(float), default=0.0,
                    help="added to every engine step (calibration against a real run)")
     g.add_argument("--no-fast-forward", action="store_true",

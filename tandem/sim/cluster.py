@@ -445,11 +445,9 @@ class SimCluster:
 
     def _xfer_done(self, sr: SimReq, src: SimWorker, dst: SimWorker, num_tokens: int, outputs) -> None:
         br = sr.br
-        if outputs is None:                              # prefill worker: drop its held blocks
-            self._release_held(sr, src)
-        else:                                            # a migrated decode has left its old worker
+        if outputs is not None:                          # a migrated decode has left its old worker
             src.migrating -= 1
-            self._check_drained(src)
+        self._release_held(sr, src)                      # the source drops the blocks it held
         outs = outputs if outputs is not None else [SIM_TOKEN]
         e = self._touch(dst)
         kvx = SimKVExport(sr.rid, (), outs, num_tokens, self.block_size)
@@ -613,7 +611,8 @@ class SimCluster:
                 self._to_decode(sr, src, n, outs)
 
     def _migrate(self, w: SimWorker) -> None:
-        """decode -> other role: move in-flight decodes to other decode workers (KV transfer)."""
+        """decode -> prefill: move in-flight decodes to other decode workers (detach, KV transfer, continue
+    there with the tokens so far); without another decode worker they finish here (drain)."""
         if not any(o is not w and o.state == "active" and o.role in ("decode", "both") for o in self.workers):
             return
         e = self._touch(w)
@@ -622,10 +621,9 @@ class SimCluster:
             sr: SimReq = req.owner
             if sr is None or sr.stage != "decode" or not req.output_token_ids:
                 continue
-            e.abort_request(rid)                       # brings its token state up to date first
+            e.detach_request(rid)                      # KV held until the transfer lands
             n = req.num_computed_tokens
             outs = list(req.output_token_ids)
-            self.router.on_finish(w.name, rid)
             self._to_decode(sr, w, n, outs)
         self._kick(w)
 

@@ -21,15 +21,18 @@ measured points, never negative):
 * D(b, c)     = decode step time of batch b at mean context c (``decode``, bilinear).
 
 A step with decodes (b sequences, mean context c: the sequence length including the token being
-computed) and prefill chunks (n_i new tokens after c_i computed ones, N = sum n_i) takes
+computed) and prefill chunks (n_i new tokens after c_i computed ones, N = sum n_i, X = sum X(c_i, n_i))
+takes D(b, c) when it has no prefill, P(N) + X when it has no decode, and otherwise, by the profile's
+``mixed_model`` (the one `tandem profile` found to fit measured mixed steps; default "shared"), the
+same formulas as `tandem.profile.schema.Profile.mixed_step_time`:
 
-* pure decode:   D(b, c)
-* pure prefill:  P(N) + sum X(c_i, n_i)
-* mixed:         D(b, c) + P(N + b) - P(b) + sum X(c_i, n_i)
+* shared: max(P(N + b) + X (N + b) / N, D(b, 0)) + (D(b, c) - D(b, 0))   (decode rows ride in the
+          chunk's matmuls, plus their KV reads; the context term is schema's X(c, N + b))
+* sum:    P(N) + X + D(b, c)                                 (no overlap; an upper bound)
+* max:    max(P(N) + X, D(b, c))                             (perfect overlap; a lower bound)
 
-i.e. the decode step as measured plus the marginal cost of N more tokens through the linear layers
-and their own attention. Pure batches reproduce the profile exactly; mixed ones are continuous in
-both limits. A fixed `step_overhead_s` (calibration knob, default 0) is added to every step.
+Pure batches reproduce the profile exactly. The engine adds a fixed `step_overhead_s` (calibration
+knob, default 0) to every step.
 
 Torch-free. `synthetic_profile()` builds a roofline profile labelled synthetic (tests, what-ifs).
 """
@@ -39,6 +42,9 @@ import bisect
 import json
 import math
 from typing import Any, Sequence
+
+
+MIXED_MODELS = ("shared", "sum", "max")
 
 
 class ProfileError(ValueError):
@@ -73,13 +79,9 @@ class Curve:
         self.xs = [float(x) for x in xs]
         self.ys = [float(y) for y in ys]
         self.n = len(self.xs)
-        if self.n == 1:
-            # one point: proportional through the origin (a time per unit), else constant
-            x0, y0 = self.xs[0], self.ys[0]
-            self.slopes = [y0 / x0 if x0 > 0 else 0.0]
-            self.xs, self.ys = [0.0, x0 if x0 > 0 else 1.0], [0.0 if x0 > 0 else y0, y0]
+        if self.n == 1:                              # one point: constant
+            self.xs, self.ys = [self.xs[0], self.xs[0] + 1.0], [self.ys[0], self.ys[0]]
             self.n = 2
-            return
         self.slopes = []
         for i in range(self.n - 1):
             dx = self.xs[i + 1] - self.xs[i]
@@ -93,6 +95,11 @@ class Curve:
             i = self.n - 2
         v = self.ys[i] + self.slopes[i] * (x - self.xs[i])
         return v if v > 0.0 else 0.0
+
+    def raw(self, x: float) -> float:
+        """Without the clamp at zero."""
+        i = min(max(bisect.bisect_right(self.xs, x) - 1, 0), self.n - 2)
+        return self.ys[i] + self.slopes[i] * (x - self.xs[i])
 
 
 class SimProfile:
@@ -122,14 +129,18 @@ class SimProfile:
         self.decode_context = [ctx[j] for j in ci]
         self.decode_grid = [[grid[i][j] for j in ci] for i in bi]
         self._rows: dict[int, Curve] = {}          # batch -> D(b, .) as a curve in context
+        self._d0: dict[int, float] = {}             # batch -> D(b, 0)
         pc = d.get("prefill_ctx") or {}
         self._ctx_slope = None                      # X(c, n) = n * ctx_per_token(c)
         if pc.get("cached_tokens") and pc.get("time_s") and float(pc.get("new_tokens") or 0) > 0:
             cc, ct = _pairs(_floats(pc["cached_tokens"], "prefill_ctx.cached_tokens"),
                             _floats(pc["time_s"], "prefill_ctx.time_s"), "prefill_ctx")
             self._Q = Curve(cc, ct)
-            self._Q0 = self._Q(0.0)
+            self._Q0 = self._Q.raw(0.0)
             self._ctx_slope = 1.0 / float(pc["new_tokens"])
+        self.mixed_model = str(d.get("mixed_model") or "shared")
+        if self.mixed_model not in MIXED_MODELS:
+            raise ProfileError(f"mixed_model must be one of {MIXED_MODELS}, got {self.mixed_model!r}")
 
         def num(k, dflt=0.0):
             v = d.get(k, dflt)
@@ -147,7 +158,7 @@ class SimProfile:
         self.max_model_len = int(num("max_model_len", 0)) or None
         self.weight_load_s = num("weight_load_s")
         self.worker_start_s = num("worker_start_s")
-        self.role_flip_s = num("role_flip_s")
+        self.role_flip_s = num("role_flip_s")        # null in a profile: not measured -> 0 (override: --role-flip-s)
         self.kv_bytes_per_token = num("kv_bytes_per_token")
         self.copy_bandwidth_gbps = num("copy_bandwidth_gbps")
 
@@ -201,8 +212,8 @@ class SimProfile:
     def ctx_extra(self, cached: float, n: float) -> float:
         if cached <= 0 or self._ctx_slope is None:
             return 0.0
-        v = (self._Q(cached) - self._Q0) * n * self._ctx_slope
-        return v if v > 0.0 else 0.0
+        v = self._Q.raw(cached) - self._Q0
+        return v * n * self._ctx_slope if v > 0.0 else 0.0
 
     def linear_time(self, n: float) -> float:
         """P(n): the prefill curve (time of a step of n tokens with no cached context)."""
@@ -221,7 +232,7 @@ class SimProfile:
                 dx = xs[i + 1] - xs[i]
                 f = (b - xs[i]) / dx if dx > 0 else 0.0
                 r0, r1 = self.decode_grid[i], self.decode_grid[i + 1]
-                vals = [max(0.0, r0[j] + (r1[j] - r0[j]) * f) for j in range(len(r0))]
+                vals = [r0[j] + (r1[j] - r0[j]) * f for j in range(len(r0))]
             row = Curve(self.decode_context, vals)
             self._rows[b] = row
         return row
@@ -234,19 +245,36 @@ class SimProfile:
 
     def step_time(self, n_decode: int, decode_ctx_sum: float, prefill_tokens: int,
                   prefill_ctx_extra: float = 0.0) -> float:
-        """Step time of a mixed batch (module docstring); `prefill_ctx_extra` = sum of ctx_extra."""
+        """Step time of a batch (module docstring); `prefill_ctx_extra` = sum of the chunks' ctx_extra."""
         if prefill_tokens <= 0:
             return self.decode_row(n_decode)(decode_ctx_sum / n_decode) if n_decode > 0 else 0.0
+        p = self._P(prefill_tokens) + prefill_ctx_extra
         if n_decode <= 0:
-            return self._P(prefill_tokens) + prefill_ctx_extra
-        P = self._P
-        return (self.decode_row(n_decode)(decode_ctx_sum / n_decode) + P(prefill_tokens + n_decode)
-                - P(n_decode) + prefill_ctx_extra)
+            return p
+        row = self.decode_row(n_decode)
+        d = row(decode_ctx_sum / n_decode)
+        m = self.mixed_model
+        if m == "shared":
+            d0 = self._d0.get(n_decode)
+            if d0 is None:
+                d0 = self._d0[n_decode] = row(0.0)
+            # as schema's prefill_time(N + b, cached): the context term scaled to N + b tokens
+            a = self._P(prefill_tokens + n_decode) + prefill_ctx_extra * (prefill_tokens + n_decode) / prefill_tokens
+            return (a if a > d0 else d0) + (d - d0 if d > d0 else 0.0)
+        if m == "sum":
+            return p + d
+        return p if p > d else d
 
-    # `mixed_step_time` under the name the planner's profile helper uses
-    def mixed_step_time(self, decode_batch: int, decode_context: float, prefill_tokens: int,
-                        prefill_cached: float = 0.0) -> float:
-        return self.step_time(decode_batch, decode_batch * decode_context, prefill_tokens,
+    def mixed_step_time(self, prefill_tokens: int, prefill_cached: int, decode_batch: int, decode_ctx: float,
+                        model: str | None = None) -> float:
+        """`tandem.profile.schema.Profile.mixed_step_time` (one prefill chunk + a decode batch)."""
+        if model is not None and model != self.mixed_model:
+            saved, self.mixed_model = self.mixed_model, model
+            try:
+                return self.mixed_step_time(prefill_tokens, prefill_cached, decode_batch, decode_ctx)
+            finally:
+                self.mixed_model = saved
+        return self.step_time(decode_batch, decode_batch * decode_ctx, prefill_tokens,
                               self.ctx_extra(prefill_cached, prefill_tokens))
 
     # ------------------------------------------------------------------ transfer / capacity

@@ -169,6 +169,12 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
     from tandem.bench.cli import _parse_slos, _shape
     from tandem.bench.report import build_report
     profile = SimProfile.load(args.profile) if isinstance(args.profile, str) else SimProfile.coerce(args.profile)
+    if getattr(args, "mixed_model", None):
+        profile.mixed_model = args.mixed_model
+    if getattr(args, "role_flip_s", None) is not None:
+        profile.role_flip_s = args.role_flip_s
+    if getattr(args, "worker_start_s", None) is not None:
+        profile.worker_start_s = args.worker_start_s
     roles = roles_from_args(args)
     caching = args.prefix_caching
     if caching == "auto":
@@ -236,6 +242,9 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         "gpu_hour_usd": args.gpu_hour_usd,
         "sim": {
             "profile": profile.describe(),
+            "mixed_model": profile.mixed_model,
+            "role_flip_s": profile.role_flip_s,
+            "worker_start_s": profile.worker_start_s,
             "workers": len(roles),
             "roles": {r: roles.count(r) for r in ("prefill", "decode", "both") if roles.count(r)},
             "router_mode": args.router_mode,

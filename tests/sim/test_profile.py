@@ -35,11 +35,37 @@ def test_cached_context_and_mixed_step(profile_dict):
     # X(c, n) = (Q(c) - Q(0)) * n / new_tokens
     assert p.ctx_extra(1024, 256) == pytest.approx(0.002)
     assert p.prefill_time(256, 1024) == pytest.approx(0.012 + 0.002)
-    # mixed = D(b, c) + P(N + b) - P(b) + X
     b, c, n = 8, 1024, 256
-    want = p.decode_time(b, c) + p.linear_time(n + b) - p.linear_time(b)
-    assert p.step_time(b, b * c, n) == pytest.approx(want)
-    assert p.mixed_step_time(b, c, n, 1024) == pytest.approx(want + 0.002)
+    d, d0 = p.decode_time(b, c), p.decode_time(b, 0)
+    # shared (default): max(P(N + b) + X(c, N + b), D(b, 0)) + D(b, c) - D(b, 0)
+    assert p.step_time(b, b * c, n) == pytest.approx(max(p.linear_time(n + b), d0) + d - d0)
+    assert p.mixed_step_time(n, 1024, b, c) == pytest.approx(
+        max(p.linear_time(n + b) + p.ctx_extra(1024, n + b), d0) + d - d0)
+    assert p.mixed_step_time(n, 0, b, c, model="sum") == pytest.approx(p.prefill_time(n) + d)
+    assert p.mixed_step_time(n, 0, b, c, model="max") == pytest.approx(max(p.prefill_time(n), d))
+    profile_dict["mixed_model"] = "sum"
+    assert SimProfile(profile_dict).step_time(b, b * c, n) == pytest.approx(p.prefill_time(n) + d)
+    profile_dict["mixed_model"] = "fancy"
+    with pytest.raises(ProfileError):
+        SimProfile(profile_dict)
+
+
+def test_step_times_equal_the_profile_schema(profile_dict):
+    """The simulator's step-time model is tandem.profile.schema.Profile's (same formulas)."""
+    schema = pytest.importorskip("tandem.profile.schema")
+    import random
+    for d in (profile_dict, synthetic_profile()):
+        ref = schema.Profile.from_dict(d)
+        p = SimProfile(d)
+        rng = random.Random(0)
+        for _ in range(300):
+            n, cached = rng.randint(1, 9000), rng.choice([0, rng.randint(1, 40000)])
+            b, c = rng.randint(1, 600), rng.uniform(1, 30000)
+            assert p.prefill_time(n, cached) == pytest.approx(ref.prefill_time(n, cached), rel=1e-9, abs=1e-12)
+            assert p.decode_time(b, c) == pytest.approx(ref.decode_time(b, c), rel=1e-9, abs=1e-12)
+            for m in ("shared", "sum", "max"):
+                assert p.mixed_step_time(n, cached, b, c, model=m) == pytest.approx(
+                    ref.mixed_step_time(n, cached, b, c, model=m), rel=1e-9, abs=1e-12)
 
 
 def test_transfer_time(profile_dict):

@@ -72,6 +72,25 @@ def test_hold_kv_export_import(profile_dict):
     assert d.kv.pool.num_used == 0
 
 
+def test_detach_keeps_kv_for_export(profile_dict):
+    for ff in (True, False):
+        e = _engine(profile_dict, fast_forward=ff)
+        e.add_request("a", 100, SamplingParams(max_tokens=500))
+        e.add_request("b", 120, SamplingParams(max_tokens=500))
+        e.start(0.0)
+        while e.t_next < 0.1:                        # some steps in the discrete-event API
+            e.on_event(e.t_next)
+        e.observe(0.1)
+        e.sync(0.1)
+        out = e.detach_request("a")
+        assert out is not None and not out.finished and "a" in e.held and "a" not in e.requests
+        kv = e.export_kv("a")
+        assert kv.num_tokens == 100 + len(kv.output_token_ids) - 1
+        used = e.kv.pool.num_used
+        e.now += 10.0
+        assert e.release_stale_held(5.0) == ["a"] and e.kv.pool.num_used < used
+
+
 def test_import_falls_back_to_prefill_when_kv_is_short(profile_dict):
     d = _engine(profile_dict, num_kv_blocks=20)
     d.add_request("filler", 250, SamplingParams(max_tokens=50))
