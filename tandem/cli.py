@@ -109,8 +109,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", default=None, help="model name clients use (default: preset or dir name)")
     g.add_argument("--workers", type=int, default=None,
                    help="worker processes, all role 'both' (default: one per GPU on CUDA, 1 on CPU)")
-    g.add_argument("--prefill", type=int, default=None, help="prefill workers (disaggregated; not supported yet)")
-    g.add_argument("--decode", type=int, default=None, help="decode workers (disaggregated; not supported yet)")
+    g.add_argument("--prefill", type=int, default=None, help="prefill workers (disaggregated serving)")
+    g.add_argument("--decode", type=int, default=None, help="decode workers (disaggregated serving)")
+    g.add_argument("--local-prefill-max-tokens", type=int, default=256,
+                   help="disaggregated: prefill on the decode worker when at most this many prompt tokens are "
+                        "uncached there")
+    g.add_argument("--prefill-queue-factor", type=float, default=4.0,
+                   help="disaggregated: prefill locally when the prefill pool's queue exceeds this multiple of "
+                        "the decode worker's")
     g.add_argument("--planner", action="store_true", help="run the planner (not supported yet)")
     g.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for the planner")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for the planner")
@@ -167,8 +173,10 @@ def _engine_config(args, device: str, n_workers: int) -> dict:
 
 def _validate_serve_args(args) -> None:
     if args.prefill is not None or args.decode is not None:
-        raise CLIError("disaggregated serving (--prefill/--decode) is not supported yet; "
-                       "use --workers N (aggregated workers, role 'both')")
+        if args.workers is not None:
+            raise CLIError("use either --workers N (aggregated) or --prefill P --decode D (disaggregated)")
+        if (args.prefill or 0) < 1 or (args.decode or 0) < 1:
+            raise CLIError("disaggregated serving needs --prefill >= 1 and --decode >= 1")
     if args.planner:
         raise CLIError("--planner is not supported yet (the planner lands with disaggregated serving)")
     if args.workers is not None and args.workers < 1:
@@ -196,7 +204,8 @@ def build_server(args):
     if args.device == "cuda" and not gpus:
         raise CLIError("--device cuda but no GPU is visible")
     device = "cuda" if gpus else "cpu"
-    n = args.workers or (len(gpus) if device == "cuda" else 1)
+    roles = (["prefill"] * args.prefill + ["decode"] * args.decode) if args.prefill else None
+    n = len(roles) if roles else (args.workers or (len(gpus) if device == "cuda" else 1))
     if device == "cuda" and n > len(gpus):
         raise CLIError(f"--workers {n} but only {len(gpus)} GPU(s) are visible (one worker per GPU)")
     model_dir, default_name = resolve_model(args.model, device)
@@ -207,9 +216,11 @@ def build_server(args):
     router = KvRouter(RouterConfig(mode=args.router_mode, weights=RouterWeights(
         overlap_weight=args.kv_overlap_weight, decode_weight=args.kv_decode_weight,
         temperature=args.router_temperature)))
-    client = EngineClient(runtime.out_addr, router, runtime, heartbeat_timeout=args.heartbeat_timeout)
-    specs = [WorkerSpec(f"w{i}", model_dir, "both", dict(engine_cfg), gpu=gpus[i] if device == "cuda" else None)
-             for i in range(n)]
+    from tandem.frontend.client import DisaggPolicy
+    client = EngineClient(runtime.out_addr, router, runtime, heartbeat_timeout=args.heartbeat_timeout,
+                          disagg=DisaggPolicy(args.local_prefill_max_tokens, args.prefill_queue_factor))
+    specs = [WorkerSpec(f"w{i}", model_dir, roles[i] if roles else "both", dict(engine_cfg),
+                        gpu=gpus[i] if device == "cuda" else None) for i in range(n)]
 
     state_box = {}
 

@@ -782,9 +782,11 @@ def create_app(state: ServerState) -> FastAPI:
                   "waiting": {p: sum(int((w.stats.get("num_waiting") or {}).get(p, 0)) for w in alive)
                               for p in PRIORITIES},
                   "requests_in_flight": len(c.handles), "requests_retried": c.num_retried,
-                  "worker_deaths": c.num_worker_deaths}
+                  "worker_deaths": c.num_worker_deaths, "disagg_decisions": dict(c.disagg_decisions),
+                  "kv_handoffs": c.num_handoffs, "migrations": c.num_migrations}
+        pools = {r: sum(1 for w in alive if w.role == r) for r in ("prefill", "decode", "both")}
         return {"model": state.config.served_model_name, "model_dir": state.config.model_dir,
-                "max_model_len": state.max_model_len, "workers": workers, "totals": totals,
+                "max_model_len": state.max_model_len, "workers": workers, "totals": totals, "pools": pools,
                 "router": c.router.snapshot(), "admission": state.admission.snapshot(),
                 "planner": state.config.planner,
                 "runtime": state.runtime.describe() if state.runtime is not None else None,

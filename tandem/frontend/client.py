@@ -26,8 +26,8 @@ import zmq
 import zmq.asyncio
 
 from tandem.router.kv_router import KvRouter, NoWorkers
-from tandem.worker.protocol import (Abort, Delta, Deltas, Generate, Ready, SetRole, Shutdown, WorkerFailed,
-                                    WorkerStatus, decode, encode)
+from tandem.worker.protocol import (Abort, Delta, Deltas, Generate, Migrated, Ready, SetRole, Shutdown,
+                                    WorkerFailed, WorkerStatus, decode, encode)
 
 log = logging.getLogger("tandem.frontend.client")
 
@@ -39,6 +39,7 @@ class WorkerInfo:
     addr: str = ""
     pid: int | None = None
     host: str = ""
+    kv_addr: str = ""
     device: str = ""
     model: str = ""
     max_model_len: int = 0
@@ -91,6 +92,8 @@ class RequestHandle:
         self.first_token_at: float | None = None
         self.acc: Delta | None = None
         self.retries = 0
+        self.phase = "single"            # "single" | "prefill" (remote prefill) | "decode" (after handoff)
+        self.output_token_ids: list[int] = []   # tokens streamed so far (for handoff / migration)
 
     def retryable(self) -> bool:
         return self.n_yielded == 0 and self.attempts <= self.client.max_retries
@@ -141,10 +144,32 @@ class RequestHandle:
         self.client._release(self)
 
 
+@dataclass
+class DisaggPolicy:
+    """Conditional disaggregation: prefill on the decode worker itself when that is cheaper than a
+    remote prefill plus a KV transfer — the uncached part of the prompt is short, or the prefill pool's
+    queue is long compared with what the decode worker has to do."""
+    local_prefill_max_tokens: int = 256        # uncached prompt tokens at or below this: prefill locally
+    prefill_queue_factor: float = 4.0          # local when min prefill queue > factor x decode worker's queue
+
+    def local_reason(self, client: "EngineClient", h: "RequestHandle", decode_wid: str,
+                     decode_overlap_blocks: int) -> str | None:
+        w = client.workers[decode_wid]
+        uncached = len(h.prompt_token_ids) - decode_overlap_blocks * max(1, w.block_size)
+        if uncached <= self.local_prefill_max_tokens:
+            return "local_short_uncached"
+        queues = [float(p.stats.get("waiting_prefill_tokens", 0) or 0)
+                  for p in client.alive_workers(("prefill",)) if p.worker_id not in h.failed_workers]
+        mine = float(w.stats.get("waiting_prefill_tokens", 0) or 0) + uncached
+        if queues and min(queues) > self.prefill_queue_factor * mine:
+            return "local_prefill_queue_long"
+        return None
+
+
 class EngineClient:
     def __init__(self, out_addr: str, router: KvRouter | None = None, runtime=None,
                  heartbeat_timeout: float = 10.0, max_retries: int = 2,
-                 on_change: Callable[[], None] | None = None):
+                 on_change: Callable[[], None] | None = None, disagg: "DisaggPolicy | None" = None):
         self.out_addr = out_addr
         self.router = router or KvRouter()
         self.runtime = runtime
@@ -155,6 +180,10 @@ class EngineClient:
         self.handles: dict[str, RequestHandle] = {}
         self.num_retried = 0
         self.num_worker_deaths = 0
+        self.disagg = disagg or DisaggPolicy()
+        self.disagg_decisions: dict[str, int] = {}     # reason -> count (remote or local prefill)
+        self.num_handoffs = 0
+        self.num_migrations = 0
         self._actx: zmq.asyncio.Context | None = None
         self._ctx: zmq.Context | None = None
         self._pull = None
@@ -237,13 +266,79 @@ class EngineClient:
         return h
 
     def _dispatch(self, h: RequestHandle) -> None:
-        wid, overlap = self.router.select(h.hashes, len(h.prompt_token_ids), h.pool, exclude=h.failed_workers)
+        """Route a request. With prefill and decode pools (disaggregated serving), a request is prefilled
+        on a prefill worker unless the policy says a local prefill on the decode worker is cheaper; the
+        decision and its reason are counted."""
+        if h.pool == "both" and self._disaggregated():
+            self._dispatch_disagg(h)
+            return
+        pool = h.pool if h.pool != "both" or self.alive_workers(("both",)) else "decode"
+        h.phase = "single"
+        wid, overlap = self.router.select(h.hashes, len(h.prompt_token_ids), pool, exclude=h.failed_workers)
+        self._send_generate(h, wid, overlap, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
+
+    def _disaggregated(self) -> bool:
+        return any(w.role in ("prefill", "decode") for w in self.alive_workers())
+
+    def _count(self, reason: str) -> None:
+        self.disagg_decisions[reason] = self.disagg_decisions.get(reason, 0) + 1
+
+    def _dispatch_disagg(self, h: RequestHandle) -> None:
+        n = len(h.prompt_token_ids)
+        ex = h.failed_workers
+        has_prefill = bool([w for w in self.alive_workers(("prefill",)) if w.worker_id not in ex])
+        has_decode = bool([w for w in self.alive_workers(("decode", "both")) if w.worker_id not in ex])
+        if not has_decode:                        # only prefill workers left: they can still do it all
+            wid, ov = self.router.select(h.hashes, n, "prefill", exclude=ex)
+            self._count("no_decode_worker")
+            h.phase = "single"
+            self._send_generate(h, wid, ov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
+            return
+        dwid, dov = self.router.select(h.hashes, n, "decode", exclude=ex)
+        reason = self.disagg.local_reason(self, h, dwid, dov) if has_prefill else "no_prefill_worker"
+        if reason is not None:
+            self._count(reason)
+            h.phase = "single"
+            self._send_generate(h, dwid, dov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
+            return
+        self._count("remote")
+        pwid, pov = self.router.select(h.hashes, n, "prefill", exclude=ex)
+        sp = dict(h.sampling)
+        sp["max_tokens"] = 1
+        sp["min_tokens"] = min(1, sp.get("min_tokens", 0) or 0)
+        sp["stop"] = []                       # stop strings are applied by the decode worker on the whole text
+        h.phase = "prefill"
+        self._send_generate(h, pwid, pov, Generate(h.request_id, h.prompt_token_ids, sp, h.priority, hold_kv=True))
+
+    def _send_generate(self, h: RequestHandle, wid: str, overlap: int, g: Generate) -> None:
         w = self.workers[wid]
         h.worker_id = wid
         h.attempts += 1
         h.done_on_worker = False
         self.router.on_assign(wid, h.request_id, h.hashes, len(h.prompt_token_ids), overlap)
-        w.sock.send(encode(Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority)), zmq.NOBLOCK)
+        w.sock.send(encode(g), zmq.NOBLOCK)
+
+    def _continue_on_decode(self, h: RequestHandle, source: WorkerInfo, reason: str) -> bool:
+        """Hand a request whose KV `source` holds to a decode worker (after a remote prefill, or when
+        `source` flipped away from decode). Returns False when no worker can take it."""
+        ex = set(h.failed_workers) | {source.worker_id}
+        try:
+            dwid, dov = self.router.select(h.hashes, len(h.prompt_token_ids), "decode", exclude=ex)
+        except NoWorkers:
+            try:
+                dwid, dov = self.router.select(h.hashes, len(h.prompt_token_ids), "prefill", exclude=ex)
+            except NoWorkers:
+                return False
+        g = Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority,
+                     output_token_ids=list(h.output_token_ids),
+                     kv_source={"addr": source.kv_addr, "request_id": h.request_id} if source.kv_addr else None)
+        h.phase = "decode"
+        if reason == "handoff":
+            self.num_handoffs += 1
+        else:
+            self.num_migrations += 1
+        self._send_generate(h, dwid, dov, g)
+        return True
 
     def _release(self, h: RequestHandle) -> None:
         self.handles.pop(h.request_id, None)
@@ -300,6 +395,8 @@ class EngineClient:
                 self.router.apply_kv_events(msg.worker_id, msg.kv_stored, msg.kv_evicted)
         elif isinstance(msg, Ready):
             self._on_ready(msg)
+        elif isinstance(msg, Migrated):
+            self._on_migrated(msg)
         elif isinstance(msg, WorkerFailed):
             w = self.workers.setdefault(msg.worker_id, WorkerInfo(msg.worker_id))
             w.error = msg.error
@@ -317,7 +414,7 @@ class EngineClient:
         sock.setsockopt(zmq.SNDHWM, 0)
         sock.setsockopt(zmq.LINGER, 0)
         sock.connect(r.addr)
-        for k in ("role", "addr", "pid", "host", "device", "model", "max_model_len", "block_size", "num_kv_blocks",
+        for k in ("role", "addr", "kv_addr", "pid", "host", "device", "model", "max_model_len", "block_size", "num_kv_blocks",
                   "max_num_seqs", "vocab_size"):
             setattr(w, k, getattr(r, k))
         w.sock, w.alive, w.state, w.error = sock, True, "ready", None
@@ -335,6 +432,22 @@ class EngineClient:
             h = self.handles.get(d.request_id)
             if h is None or h.worker_id != wid:
                 continue                       # aborted/closed, or from a worker the request has left
+            h.output_token_ids.extend(d.new_token_ids)
+            if h.phase == "prefill" and d.finished and d.finish_reason == "length" and d.error is None and \
+                    len(h.output_token_ids) < int(h.sampling.get("max_tokens", 16)):
+                # remote prefill done: the first token goes to the client now, the rest comes from decode
+                router.on_finish(wid, d.request_id)
+                d.finished, d.finish_reason = False, None
+                if not h.got_first_token:
+                    h.got_first_token, h.first_token_at = True, time.monotonic()
+                h.queue.put_nowait((h.epoch, d))
+                if not self._continue_on_decode(h, self.workers[wid], "handoff"):
+                    h.done_on_worker = True
+                    h.queue.put_nowait((h.epoch, Delta.failure(h.request_id, "no worker left to decode on", 503,
+                                                               "service_unavailable")))
+                continue
+            if h.phase == "prefill" and d.finished:
+                self.abort_on(wid, [d.request_id])     # finished at its first token: free the held KV
             if d.finished:
                 h.done_on_worker = True
                 if d.new_token_ids and h.first_token_at is None:
@@ -347,6 +460,19 @@ class EngineClient:
                     h.first_token_at = time.monotonic()
                 router.on_tokens(wid, d.request_id, d.num_output_tokens)
             h.queue.put_nowait((h.epoch, d))
+
+    def _on_migrated(self, m: Migrated) -> None:
+        h = self.handles.get(m.request_id)
+        if h is None or h.worker_id != m.worker_id:
+            self.abort_on(m.worker_id, [m.request_id])     # nobody wants it: free the held KV
+            return
+        self.router.on_finish(m.worker_id, m.request_id)
+        h.output_token_ids = list(m.output_token_ids)
+        src = self.workers.get(m.worker_id)
+        if src is None or not self._continue_on_decode(h, src, "migrate"):
+            h.done_on_worker = True
+            h.queue.put_nowait((h.epoch, Delta.failure(h.request_id, "no worker left to continue on", 503,
+                                                       "service_unavailable")))
 
     # ------------------------------------------------------------------ failure detection
     async def _monitor(self) -> None:
@@ -403,6 +529,8 @@ class EngineClient:
             if h.retryable():
                 h.epoch += 1
                 h.acc = None
+                h.output_token_ids = []
+                h.phase = "single"
                 h.got_first_token, h.first_token_at = False, None
                 try:
                     self._dispatch(h)

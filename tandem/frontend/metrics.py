@@ -40,6 +40,20 @@ class _ClusterCollector:
         qd = GaugeMetricFamily("tandem_queue_depth", "requests waiting in engines, by priority", labels=["priority"])
         infl = GaugeMetricFamily("tandem_inflight_requests", "requests admitted and not finished",
                                  labels=["priority"])
+        dis = CounterMetricFamily("tandem_disagg_decisions", "remote vs local prefill decisions by reason",
+                                  labels=["reason"])
+        for reason, n in sorted(client.disagg_decisions.items()):
+            dis.add_metric([reason], float(n))
+        hand = CounterMetricFamily("tandem_kv_handoffs", "requests moved to another worker with their KV",
+                                   labels=["kind"])
+        hand.add_metric(["prefill_to_decode"], float(client.num_handoffs))
+        hand.add_metric(["migration"], float(client.num_migrations))
+        pools = GaugeMetricFamily("tandem_pool_workers", "live workers per role", labels=["role"])
+        for role in ("prefill", "decode", "both"):
+            pools.add_metric([role], float(sum(1 for w in client.workers.values() if w.alive and w.role == role)))
+        xfer = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes fetched from peers", labels=["worker"])
+        xfb = CounterMetricFamily("tandem_kv_transfer_fallbacks", "KV fetches that failed (request recomputed)",
+                                  labels=["worker"])
         qd_sum = {p: 0 for p in PRIORITIES}
         for w in client.workers.values():
             up.add_metric([w.worker_id, w.role], 1.0 if w.alive else 0.0)
@@ -53,6 +67,9 @@ class _ClusterCollector:
             run.add_metric([w.worker_id], float(s.get("num_running", 0)))
             wpt.add_metric([w.worker_id], float(s.get("waiting_prefill_tokens", 0)))
             pre.add_metric([w.worker_id], float(s.get("num_preemptions", 0)))
+            t = s.get("transfer") or {}
+            xfer.add_metric([w.worker_id], float(t.get("bytes", 0)))
+            xfb.add_metric([w.worker_id], float(t.get("fallbacks", 0)))
             for p, n in (s.get("num_waiting") or {}).items():
                 wq.add_metric([w.worker_id, p], float(n))
                 if p in qd_sum:
@@ -60,7 +77,7 @@ class _ClusterCollector:
         for p in PRIORITIES:
             qd.add_metric([p], float(qd_sum[p]))
             infl.add_metric([p], float(admission.inflight.get(p, 0)))
-        yield from (up, kv, kvu, kvt, kvc, run, wq, wpt, pre, qd, infl)
+        yield from (up, kv, kvu, kvt, kvc, run, wq, wpt, pre, qd, infl, dis, hand, pools, xfer, xfb)
 
 
 class Metrics:

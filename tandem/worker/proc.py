@@ -22,12 +22,13 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 
 import zmq
 
-from tandem.worker.protocol import (ROLES, Abort, Delta, Deltas, Generate, Ready, SetRole, Shutdown,
+from tandem.worker.protocol import (ROLES, Abort, Delta, Deltas, Generate, Migrated, Ready, SetRole, Shutdown,
                                     WorkerFailed, WorkerStatus, decode, encode)
 
 log = logging.getLogger("tandem.worker")
@@ -38,10 +39,15 @@ class WorkerCore:
     messages (`send` is called with each outgoing message). Unit-testable with any engine object that
     has the `Engine` methods used here."""
 
-    def __init__(self, engine, worker_id: str, role: str = "both", send=None):
+    def __init__(self, engine, worker_id: str, role: str = "both", send=None, transfer=None,
+                 held_kv_ttl_s: float = 30.0):
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         self.engine = engine
+        self.transfer = transfer              # TransferAgent (KV server + fetches), None in unit tests
+        self.lock = transfer.lock if transfer is not None else threading.Lock()
+        self.held_kv_ttl_s = held_kv_ttl_s
+        self.num_migrated = 0
         self.worker_id = worker_id
         self.role = role
         self.send = send or (lambda msg: None)
@@ -57,25 +63,47 @@ class WorkerCore:
         elif isinstance(msg, Abort):
             self._abort(msg.request_ids)
         elif isinstance(msg, SetRole):
-            self.set_role(msg.role)
+            self.set_role(msg.role, msg.migrate)
         elif isinstance(msg, Shutdown):
             self.stopping = True
         else:
             log.warning("worker %s: ignoring unexpected message %r", self.worker_id, type(msg).__name__)
 
-    def set_role(self, role: str) -> None:
-        """Record the new role (reported in every status). Disaggregated serving will drain or hand over
-        in-flight work of the old role here; in aggregated mode there is nothing to hand over."""
+    def set_role(self, role: str, migrate: bool = True) -> None:
+        """Flip the role in place (weights stay loaded). The router stops sending work of the old role
+        as soon as the next status reports the new one. prefill→decode: queued prefills simply finish
+        (they are held for export as before). decode/both→prefill with `migrate`: every generating
+        request is detached with its KV held, and a `Migrated` message tells the frontend to continue
+        it on another worker, which fetches the KV — nothing is lost or recomputed."""
         if role not in ROLES:
             log.warning("worker %s: ignoring unknown role %r", self.worker_id, role)
             return
-        log.info("worker %s: role %s -> %s", self.worker_id, self.role, role)
-        self.role = role
+        t0 = time.perf_counter()
+        old, self.role = self.role, role
+        moved = 0
+        if role == "prefill" and old != "prefill" and migrate and self.transfer is not None:
+            for rid in list(self.active):
+                req = self.engine.requests.get(rid)
+                if req is None or req.hold_kv:
+                    continue                    # a prefill-for-export request stays: it is prefill work
+                last = self.engine.detach_request(rid)
+                self.active.discard(rid)
+                if last is not None and (last.new_token_ids or last.new_text):
+                    self.send(Deltas(self.worker_id, [Delta.from_output(last)]))
+                self.send(Migrated(self.worker_id, rid, list(req.output_token_ids), self.transfer.addr))
+                moved += 1
+        self.num_migrated += moved
+        log.info("worker %s: role %s -> %s (%d requests migrated, %.1f ms)", self.worker_id, old, role, moved,
+                 (time.perf_counter() - t0) * 1e3)
 
     def _generate(self, g: Generate) -> None:
         from tandem.common.errors import TandemError
         from tandem.common.sampling import SamplingParams
         rid = g.request_id
+        if g.kv_source and self.transfer is not None and not getattr(g, "_fetched", False):
+            self.active.add(rid)
+            self.transfer.start_fetch(g, list(g.prompt_token_ids), g.kv_source["addr"], g.kv_source["request_id"])
+            return
         try:
             params = SamplingParams.from_dict(g.sampling)
             kw = {}
@@ -83,6 +111,9 @@ class WorkerCore:
                 kw["hold_kv"] = True
             if g.output_token_ids:
                 kw["output_token_ids"] = g.output_token_ids
+            kv = getattr(g, "_kv", None)
+            if kv is not None:
+                kw["kv_import"] = kv
             self.engine.add_request(rid, list(g.prompt_token_ids), params, g.priority, **kw)
             self.active.add(rid)
         except TandemError as e:
@@ -94,6 +125,22 @@ class WorkerCore:
         except Exception as e:  # noqa: BLE001 - a bad request must not kill the worker
             log.exception("worker %s: add_request(%s) failed", self.worker_id, rid)
             self.send(Deltas(self.worker_id, [Delta.failure(rid, f"worker error: {e}")]))
+
+    def poll_transfers(self) -> None:
+        """Add the requests whose KV arrived (or failed: they recompute). Call with the lock held."""
+        if self.transfer is None:
+            return
+        for r in self.transfer.completed():
+            g = r.item
+            if g.request_id not in self.active:      # aborted while its KV was in flight
+                if r.ack:
+                    r.ack()
+                continue
+            self.active.discard(g.request_id)
+            g._fetched, g._kv = True, r.kv
+            self._generate(g)
+            if r.ack:
+                r.ack()                               # the source frees its held blocks
 
     def _abort(self, rids: list[str]) -> None:
         outs = []
@@ -113,6 +160,9 @@ class WorkerCore:
     # ------------------------------------------------------------------ stepping
     def has_work(self) -> bool:
         return self.engine.has_unfinished_requests()
+
+    def waiting_on_transfers(self) -> bool:
+        return self.transfer is not None and self.transfer.inflight > 0
 
     def step(self) -> int:
         """One engine step; sends its outputs as one message. Returns the number of outputs."""
@@ -152,6 +202,15 @@ class WorkerCore:
         stats["num_waiting"] = dict(stats.get("num_waiting") or {})
         stats["kv_usage"] = st.kv_usage
         stats["num_step_errors"] = self.num_step_errors
+        stats["num_migrated"] = self.num_migrated
+        stats["num_held_kv"] = len(getattr(self.engine, "held", ()))
+        if self.transfer is not None:
+            stats["transfer"] = vars(self.transfer.counters)
+            stats["transfer_served"] = vars(self.transfer.server.stats)
+        if hasattr(self.engine, "release_stale_held"):
+            stale = self.engine.release_stale_held(self.held_kv_ttl_s)
+            if stale:
+                log.warning("worker %s: released KV of %d requests never fetched", self.worker_id, len(stale))
         stored, evicted = self.engine.drain_kv_events()
         self.seq += 1
         return WorkerStatus(self.worker_id, self.role, self.seq, stats, list(stored), list(evicted),
@@ -191,6 +250,8 @@ def serve(core: WorkerCore, inp: zmq.Socket, out: zmq.Socket, status_interval: f
         now = time.monotonic()
         busy = core.has_work()
         timeout_ms = 0 if busy else max(0.0, (next_status - now) * 1000.0)
+        if not busy and core.waiting_on_transfers():
+            timeout_ms = min(timeout_ms, 2.0)
         if poller.poll(timeout_ms):
             while True:
                 try:
@@ -202,14 +263,19 @@ def serve(core: WorkerCore, inp: zmq.Socket, out: zmq.Socket, status_interval: f
                 except Exception:  # noqa: BLE001
                     log.exception("worker %s: undecodable message dropped", core.worker_id)
                     continue
-                core.handle(msg)
+                with core.lock:
+                    core.handle(msg)
         if core.stopping:
             break
-        if core.has_work():
-            core.step()
+        with core.lock:
+            core.poll_transfers()
+            if core.has_work():
+                core.step()
         now = time.monotonic()
         if now >= next_status:
-            out.send(encode(core.status()))
+            with core.lock:
+                st = core.status()
+            out.send(encode(st))
             next_status = now + status_interval
         if parent_pid is not None and now >= next_parent_check:
             next_parent_check = now + 1.0
@@ -227,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--role", default="both", choices=ROLES)
     p.add_argument("--engine-config", default="{}", help="JSON of EngineConfig fields (besides model)")
     p.add_argument("--status-interval", type=float, default=0.1)
+    p.add_argument("--kv-host", default="127.0.0.1", help="interface for the KV transfer server")
     p.add_argument("--parent-pid", type=int, default=None, help="exit when this process is gone")
     p.add_argument("--log-level", default=os.environ.get("TANDEM_LOG_LEVEL", "INFO"))
     return p
@@ -263,7 +330,9 @@ def main(argv: list[str] | None = None) -> int:
         out.close(linger=2000)
         ctx.term()
         return 1
-    core = WorkerCore(engine, args.worker_id, args.role, send=lambda m: out.send(encode(m)))
+    from tandem.transfer.agent import TransferAgent
+    transfer = TransferAgent(engine, threading.Lock(), host=args.kv_host)
+    core = WorkerCore(engine, args.worker_id, args.role, send=lambda m: out.send(encode(m)), transfer=transfer)
     runner = getattr(engine, "runner", None)
     ready = Ready(
         worker_id=args.worker_id, role=args.role, addr=addr, pid=os.getpid(), model=args.model,
@@ -271,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
         max_model_len=int(engine.max_model_len), block_size=int(engine.config.block_size),
         num_kv_blocks=int(engine.stats().kv_blocks_total), max_num_seqs=int(engine.config.max_num_seqs),
         vocab_size=int(getattr(getattr(engine, "model_config", None), "vocab_size", 0) or 0),
-        host=socket.gethostname())
+        host=socket.gethostname(), kv_addr=transfer.addr)
     out.send(encode(ready))
     log.info("worker %s ready (pid %d, %s, role %s, %d KV blocks)", args.worker_id, os.getpid(), ready.device,
              args.role, ready.num_kv_blocks)
@@ -280,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     except (KeyboardInterrupt, SystemExit):
         pass
     finally:
+        transfer.close()
         inp.close(linger=0)
         out.close(linger=500)
         ctx.term()

@@ -25,6 +25,7 @@ class Generate:
     priority: str = "interactive"
     hold_kv: bool = False                # prefill worker keeps KV for export (disaggregation)
     output_token_ids: list[int] | None = None   # resume a generation started elsewhere
+    kv_source: dict | None = None        # {"addr", "request_id"}: fetch this request's KV from a peer first
 
 
 @dataclass
@@ -37,6 +38,7 @@ class Abort:
 class SetRole:
     TAG: ClassVar[str] = "role"
     role: str
+    migrate: bool = True                 # decode→prefill: hand in-flight decodes to other workers
 
 
 @dataclass
@@ -60,6 +62,7 @@ class Ready:
     max_num_seqs: int
     vocab_size: int
     host: str = ""
+    kv_addr: str = ""                    # where the worker serves held KV to peers (transfer layer)
 
 
 @dataclass
@@ -114,13 +117,25 @@ class WorkerStatus:
 
 
 @dataclass
+class Migrated:
+    """Worker → frontend: the worker stopped generating this request (role flip) and holds its KV;
+    continue it on another worker with `output_token_ids` and the KV at `kv_addr`."""
+    TAG: ClassVar[str] = "migrated"
+    worker_id: str
+    request_id: str
+    output_token_ids: list[int]
+    kv_addr: str
+
+
+@dataclass
 class WorkerFailed:
     TAG: ClassVar[str] = "failed"
     worker_id: str
     error: str
 
 
-MESSAGES = {c.TAG: c for c in (Generate, Abort, SetRole, Shutdown, Ready, Deltas, WorkerStatus, WorkerFailed)}
+MESSAGES = {c.TAG: c for c in (Generate, Abort, SetRole, Shutdown, Ready, Deltas, WorkerStatus, WorkerFailed,
+                                Migrated)}
 _DELTA_FIELDS = tuple(f.name for f in fields(Delta))
 
 

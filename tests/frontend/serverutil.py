@@ -29,7 +29,8 @@ class ServerProc:
         self.workers = workers
         self.api_key = api_key
         self.log = tempfile.NamedTemporaryFile(prefix="tandem-serve-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(self.port), "--workers", str(workers),
+        pool_flags = [] if "--prefill" in args else ["--workers", str(workers)]
+        cmd = [sys.executable, "-m", "tandem.cli", "serve", "--port", str(self.port), *pool_flags,
                "--log-level", "warning", *args]
         if api_key:
             cmd += ["--api-key", api_key]
