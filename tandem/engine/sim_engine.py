@@ -438,10 +438,16 @@ class SimEngine:
             self.start(now)
 
     def observe(self, now: float) -> None:
-        """Bring the engine's observable state (stats, KV events, finished requests) up to `now`."""
+        """Bring the engine's observable state (stats, KV events, finished requests) up to `now`:
+        steps ended by then are applied, and the step in progress has its blocks allocated (the
+        per-step engine allocates them when it schedules the step)."""
+        if self.state != WINDOW:
+            return
         w = self._win
-        if self.state == WINDOW and w.k < w.planned and w.ends[w.k] <= now:
+        if w.k < w.planned and w.ends[w.k] <= now:
             self._process(w, bisect.bisect_right(w.ends, now, w.k, w.planned))
+        if self.state == WINDOW and w.k < w.planned:
+            self._d_alloc(w, w.k + 1)
 
     def sync(self, now: float) -> bool:
         """Before changing the engine's queues at `now`: a planned run of decode steps is cut at the
@@ -705,20 +711,44 @@ class SimEngine:
             self._finish(r, t_j)
 
     def _process(self, w: "_Window", upto: int) -> None:
-        """Apply planned steps w.k+1 .. upto of D alone."""
+        """Apply planned steps w.k+1 .. upto of D alone. A planned chunk has finishes only at its
+        last step (planning stops there), so all its block allocations come first, in step order,
+        exactly as step-by-step allocation would take them from the free list."""
         j = w.k
         if upto <= j:
             return
-        caching = self.kv.pool.enable_prefix_caching
+        bs = self.block_size
+        buckets = w.buckets
+        first = max(j, w.alloc_done) + 1
+        if first <= upto:
+            rs = []
+            for jj in range(first, upto + 1):
+                bk = buckets[jj % bs]
+                if bk:
+                    rs.extend(bk)
+            if rs:
+                for r, blk in zip(rs, self.kv.pool.allocate(len(rs))):
+                    r.block_table.append(blk)
+            w.alloc_done = upto
         ends = w.ends
         t_prev = ends[j - 1] if j else w.t0
         n = upto - j
-        while j < upto:
-            j += 1
-            self._d_alloc(w, j)
-            if caching:
+        if self.kv.pool.enable_prefix_caching:
+            while j < upto:
+                j += 1
                 self._d_cache(w, j)
-            self._d_finish(w, j)
+                self._d_finish(w, j)
+        else:
+            fin = w.fin
+            while j < upto - 1:                   # no finishes before the chunk's last step
+                j += 1
+                if j in fin:
+                    w.k = j - 1
+                    self._d_finish(w, j)
+                    continue
+                w.gen += w.b
+            self._d_finish(w, upto)
+            j = upto
         st = self._stats
         t_last = ends[j - 1]
         st.steps += n
