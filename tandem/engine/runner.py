@@ -45,10 +45,19 @@ class ModelRunner:
         self.max_model_len = config.max_model_len or mc.max_position_embeddings
         self.block_size = config.block_size
         self.num_kv_blocks = config.num_kv_blocks or self._auto_num_blocks()
-        self.kv_cache = torch.zeros(mc.num_hidden_layers, 2, self.num_kv_blocks, self.block_size,
+        from tandem.engine import triton_attention
+        use_graphs = self.device.type == "cuda" and config.cuda_graphs and triton_attention.available()
+        # with CUDA graphs, one extra block (never handed out by the pool) takes the padding rows' KV
+        self.kv_cache = torch.zeros(mc.num_hidden_layers, 2, self.num_kv_blocks + use_graphs, self.block_size,
                                     mc.num_key_value_heads, mc.head_dim, dtype=self.dtype, device=self.device)
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_kv_blocks, self.block_size,
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
+        self.graphs = None
+        if use_graphs:
+            from tandem.engine.cuda_graph import DecodeGraphRunner
+            self.graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size, self.max_model_len,
+                                            min(config.max_num_seqs, 512), scratch_block=self.num_kv_blocks)
+            self.graphs.capture()
 
     def _bytes_per_block(self) -> int:
         mc = self.model_config
@@ -80,6 +89,9 @@ class ModelRunner:
 
     def execute(self, batch):
         """Forward all scheduled tokens; return (requests to sample, their last-position logits)."""
+        if self.graphs is not None and len(batch.reqs) <= self.graphs.max_batch and all(
+                n == 1 and r.num_computed_tokens + 1 == r.num_tokens for r, n in zip(batch.reqs, batch.num_new_tokens)):
+            return list(batch.reqs), self.graphs.run(batch.reqs)        # pure decode: CUDA graph replay
         bs = self.block_size
         input_ids: list[int] = []
         positions: list[int] = []

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Engine GPU checks and benchmarks, one device-tool call each (see docs/benchmarks.md):
+#   bash benchmarks/run_engine_gpu.sh check   # kernel tests + microbenchmarks/tuning + quick 1B engine run (~5 min)
+#   bash benchmarks/run_engine_gpu.sh full    # full table for llama-3.1-8b and llama-3.2-1b + profiles + HF (~4 min)
+#   bash benchmarks/run_engine_gpu.sh final   # graph-timed kernel microbenchmarks, per-kernel decode traces, qwen3-8b (~8 min)
+# Results go to $OUT (log.txt, *.json, table.md, profiles/).
+set -o pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+OUT=${OUT:-out}; mkdir -p "$OUT"; export OUT
+LOG="$OUT/log.txt"
+{ date -u; nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm,clocks.mem,memory.used,memory.total --format=csv;
+  python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__, "transformers", transformers.__version__)'; } 2>&1 | tee "$LOG"
+case "${1:-check}" in
+check)
+  timeout 180 python3 -m pytest -q --tb=short tests/engine/test_triton_attention.py 2>&1 | tail -n 80 | tee -a "$LOG"
+  timeout 170 python3 benchmarks/engine.py kernels 2>&1 | tee -a "$LOG"
+  timeout 200 python3 benchmarks/engine.py bench --presets llama-3.2-1b --quick --hf --steps 10 2>&1 | tee -a "$LOG"
+  ;;
+full)
+  timeout 100 python3 -m pytest -q --tb=short tests/engine/test_triton_attention.py -k "decode or prefill or mixed or padding" 2>&1 | tail -n 40 | tee -a "$LOG"
+  timeout "${BENCH_TIMEOUT:-480}" python3 benchmarks/engine.py bench --presets "${PRESETS:-llama-3.1-8b,llama-3.2-1b}" --profile-dir "$OUT/profiles" --hf 2>&1 | tee -a "$LOG"
+  ;;
+final)   # kernel microbenchmarks timed as CUDA-graph replays, per-kernel decode traces, qwen3-8b table
+  timeout 130 python3 benchmarks/engine.py kernels --quick 2>&1 | tee -a "$LOG"
+  timeout 180 python3 benchmarks/engine.py trace 2>&1 | tee -a "$LOG"
+  timeout 230 python3 benchmarks/engine.py bench --presets qwen3-8b --hf 2>&1 | tee -a "$LOG"
+  ;;
+*) echo "usage: $0 check|full|final"; exit 2;;
+esac

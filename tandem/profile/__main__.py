@@ -1,0 +1,5 @@
+import sys
+
+from tandem.profile.cli import main
+
+sys.exit(main())
