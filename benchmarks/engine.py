@@ -424,8 +424,7 @@ def bench_preset(preset: str, args, ceil: dict, models_dir: Path) -> dict:
 
     if args.profile_dir:
         from tandem.profile.profiler import profile_engine
-        cmd = (f"OUT=... python3 benchmarks/engine.py bench --presets {args.presets} --profile-dir "
-               f"{args.profile_dir}{' --quick' if args.quick else ''}  (benchmarks/run_engine_gpu.sh)")
+        cmd = "python3 " + " ".join(sys.argv)
         prof = profile_engine(eng, plan, model=f"random-weight {preset} (tandem model init --preset {preset})",
                               preset=preset, command=cmd, weight_load_s=took[0], worker_start_s=start_s,
                               copy_gbps=ceil["copy_gbps"], mm_tflops=ceil["matmul_tflops"],

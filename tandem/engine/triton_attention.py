@@ -126,7 +126,9 @@ if HAS_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         return m_new, l_i, acc
 
-    @triton.jit
+    # num_seqs / stride_bt vary from step to step: without do_not_specialize, Triton compiles a new
+    # variant the first time one of them is 1 or a multiple of 16 (a ~1 s stall in the middle of serving)
+    @triton.jit(do_not_specialize=["num_seqs", "stride_bt"])
     def _paged_attn_kernel(
         out_ptr, q_ptr, k_ptr, v_ptr,
         block_tables_ptr, seq_lens_ptr, qsl_ptr,
