@@ -117,7 +117,14 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prefill-queue-factor", type=float, default=4.0,
                    help="disaggregated: prefill locally when the prefill pool's queue exceeds this multiple of "
                         "the decode worker's")
-    g.add_argument("--planner", action="store_true", help="run the planner (not supported yet)")
+    g.add_argument("--planner", action="store_true",
+                   help="run the planner: move workers between the prefill and decode pools in place")
+    g.add_argument("--planner-profile", default=None,
+                   help="perf profile JSON from `tandem profile` (default: profiles/ entry for the preset)")
+    g.add_argument("--planner-tick-s", type=float, default=1.0)
+    g.add_argument("--planner-min-prefill", type=int, default=1)
+    g.add_argument("--planner-min-decode", type=int, default=1)
+    g.add_argument("--planner-min-dwell-s", type=float, default=5.0)
     g.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for the planner")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for the planner")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -178,7 +185,12 @@ def _validate_serve_args(args) -> None:
         if (args.prefill or 0) < 1 or (args.decode or 0) < 1:
             raise CLIError("disaggregated serving needs --prefill >= 1 and --decode >= 1")
     if args.planner:
-        raise CLIError("--planner is not supported yet (the planner lands with disaggregated serving)")
+        if not args.prefill:
+            raise CLIError("--planner needs disaggregated pools: --prefill P --decode D")
+        if not args.planner_profile:
+            raise CLIError("--planner needs --planner-profile PROFILE.json (made by `tandem profile`)")
+        if not Path(args.planner_profile).is_file():
+            raise CLIError(f"--planner-profile {args.planner_profile}: no such file")
     if args.workers is not None and args.workers < 1:
         raise CLIError("--workers must be >= 1")
     for k in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_model_len"):
@@ -228,6 +240,16 @@ def build_server(args):
         for s in specs:
             client.expect_worker(s.worker_id, s.role)
             runtime.start_worker(s)
+        if args.planner:
+            from tandem.frontend.planning import ServerPlanner
+            from tandem.planner.types import PlannerConfig
+            pc = PlannerConfig(tick_s=args.planner_tick_s, slo_ttft_ms=args.slo_ttft_ms or 2000.0,
+                               slo_tpot_ms=args.slo_tpot_ms or 100.0, min_prefill=args.planner_min_prefill,
+                               min_decode=args.planner_min_decode, min_dwell_s=args.planner_min_dwell_s,
+                               max_num_seqs=engine_cfg.get("max_num_seqs", 256))
+            sp = ServerPlanner(client, args.planner_profile, pc)
+            state_box["state"].extra["planner"] = sp
+            sp.start()
         asyncio.get_running_loop().create_task(_announce(state_box["state"], args, n))
 
     aliases = tuple({args.model, model_dir} - {None, served})

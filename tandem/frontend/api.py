@@ -395,6 +395,10 @@ class Server:
             for s in prep.subs:
                 handles.append(st.client.submit(s.request_id, s.prompt_ids, s.params.to_dict(), prep.priority,
                                                 buffered=not prep.stream))
+            planner = st.extra.get("planner")
+            if planner is not None:
+                for sub in prep.subs:
+                    planner.window.on_arrival(prep.arrival, prep.priority, len(sub.prompt_ids))
         except BaseException as e:
             for h in handles:
                 h.close()
@@ -490,11 +494,18 @@ class _Run:
             m.cached_tokens.labels(prio).inc(self.n_cached[i])
             m.generation_tokens.labels(prio).inc(self.n_out[i])
             fa = self.first_at[i]
+            tpot = None
             if fa is not None:
                 ttft = fa - self.prep.arrival
                 m.ttft.labels(prio).observe(ttft)
                 if self.n_out[i] > 1:
-                    m.tpot.labels(prio).observe((e2e - ttft) / (self.n_out[i] - 1))
+                    tpot = (e2e - ttft) / (self.n_out[i] - 1)
+                    m.tpot.labels(prio).observe(tpot)
+            planner = self.st.extra.get("planner")
+            if planner is not None:
+                if fa is not None:
+                    planner.window.on_first_token(fa, prio, fa - self.prep.arrival)
+                planner.window.on_finish(now, prio, self.n_out[i], tpot)
 
     def _note(self, i: int, d: Delta) -> None:
         if d.new_token_ids and self.first_at[i] is None:
@@ -788,7 +799,7 @@ def create_app(state: ServerState) -> FastAPI:
         return {"model": state.config.served_model_name, "model_dir": state.config.model_dir,
                 "max_model_len": state.max_model_len, "workers": workers, "totals": totals, "pools": pools,
                 "router": c.router.snapshot(), "admission": state.admission.snapshot(),
-                "planner": state.config.planner,
+                "planner": state.extra["planner"].snapshot() if state.extra.get("planner") else state.config.planner,
                 "runtime": state.runtime.describe() if state.runtime is not None else None,
                 **state.config.extra_info}
 

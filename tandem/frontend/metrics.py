@@ -51,6 +51,11 @@ class _ClusterCollector:
         pools = GaugeMetricFamily("tandem_pool_workers", "live workers per role", labels=["role"])
         for role in ("prefill", "decode", "both"):
             pools.add_metric([role], float(sum(1 for w in client.workers.values() if w.alive and w.role == role)))
+        flips = CounterMetricFamily("tandem_planner_flips", "role flips ordered by the planner", labels=["direction"])
+        sp = getattr(self.state, "extra", {}).get("planner")
+        if sp is not None:
+            for k, v in sp.planner.flips.items():
+                flips.add_metric([k], float(v))
         xfer = CounterMetricFamily("tandem_kv_transfer_bytes", "KV bytes fetched from peers", labels=["worker"])
         xfb = CounterMetricFamily("tandem_kv_transfer_fallbacks", "KV fetches that failed (request recomputed)",
                                   labels=["worker"])
@@ -77,7 +82,7 @@ class _ClusterCollector:
         for p in PRIORITIES:
             qd.add_metric([p], float(qd_sum[p]))
             infl.add_metric([p], float(admission.inflight.get(p, 0)))
-        yield from (up, kv, kvu, kvt, kvc, run, wq, wpt, pre, qd, infl, dis, hand, pools, xfer, xfb)
+        yield from (up, kv, kvu, kvt, kvc, run, wq, wpt, pre, qd, infl, dis, hand, pools, xfer, xfb, flips)
 
 
 class Metrics:
