@@ -109,6 +109,7 @@ class SimEngineConfig:
 
 
 _INF = (float("inf"),)
+_FINF = float("inf")
 
 
 class _Window:
@@ -642,21 +643,30 @@ class SimEngine:
         t = ends[j - 1] if j else w.t0
         b, base, free = w.b, w.base, self.kv.pool.num_free
         cnt = w.cnt
-        p_cnt = None
         limit = j + w.chunk
         row = self.profile.decode_row(b)
-        kvn = self.kv.blocks_needed
+        # row(x) inlined (the same arithmetic as Curve.__call__): segment i covers [lo, hi)
+        xs, ys, sl, last = row.xs, row.ys, row.slopes, row.n - 2
+        lo = hi = 0.0
+        y0 = s0 = x0 = 0.0
         while j < limit:
             jn = j + 1
-            need = (p_cnt or cnt)[jn % bs]
+            need = cnt[jn % bs]
             if need > free:
                 break
             free -= need
-            t += row((base + jn * b) / b) + ovh
+            x = (base + jn * b) / b
+            if not lo <= x < hi:
+                i = bisect.bisect_right(xs, x) - 1
+                i = 0 if i < 0 else (last if i > last else i)
+                x0, y0, s0 = xs[i], ys[i], sl[i]
+                lo = -_FINF if i == 0 else x0
+                hi = _FINF if i == last else xs[i + 1]
+            v = y0 + s0 * (x - x0)
+            t += (v if v > 0.0 else 0.0) + ovh
             ends.append(t)
             j = jn
-            fl = fin.get(j)
-            if fl is not None:
+            if j in fin:
                 break                             # a finish: hand control back (on time)
         w.planned = j
         if w.chunk < 1024:
@@ -738,15 +748,8 @@ class SimEngine:
                 j += 1
                 self._d_cache(w, j)
                 self._d_finish(w, j)
-        else:
-            fin = w.fin
-            while j < upto - 1:                   # no finishes before the chunk's last step
-                j += 1
-                if j in fin:
-                    w.k = j - 1
-                    self._d_finish(w, j)
-                    continue
-                w.gen += w.b
+        else:                                     # no finishes before the chunk's last step
+            w.gen += w.b * (upto - 1 - j)
             self._d_finish(w, upto)
             j = upto
         st = self._stats

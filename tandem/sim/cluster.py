@@ -31,6 +31,7 @@ GPU-hours count every worker from its start request to its stop.
 """
 from __future__ import annotations
 
+import gc
 import heapq
 import inspect
 import math
@@ -641,47 +642,56 @@ class SimCluster:
         inf = math.inf
         t_arr = reqs[0].arrival_s + ovh if n else inf
         pop = heapq.heappop
+        gc_was = gc.isenabled()
+        gc.collect()
+        gc.freeze()                  # the run allocates millions of long-lived objects and no cycles
+        gc.disable()                 # worth collecting: a full collection would scan them all, often
         with _router_clock(self):
-            while True:
-                if heap and heap[0][0] <= t_arr:
-                    t, _, kind, obj, gen = pop(heap)
-                    self.now = t
-                    self.events += 1
-                    if kind == EV_WORKER:
-                        if obj.gen != gen:
-                            continue
-                        obj.t_event = None
-                        obj.engine.on_event(t)
-                        self._resched(obj)
-                        if obj.state != "active":
-                            self._check_drained(obj)
-                    elif kind == EV_XFER:
-                        self._xfer_done(*obj)
-                    elif kind == EV_PUBLISH:
-                        self._publish()
-                        if not self._finished(ai, n):
-                            self._push(t + self.cfg.publish_interval_s, EV_PUBLISH, None)
-                    elif kind == EV_TIMELINE:
-                        self._sample()
-                        if progress is not None:
-                            progress(self)
-                        if not self._finished(ai, n):
-                            self._push(t + self.cfg.timeline_interval_s, EV_TIMELINE, None)
-                    elif kind == EV_PLANNER:
-                        self._planner_tick()
-                        if not self._finished(ai, n):
-                            self._push(t + self.cfg.planner_tick_s, EV_PLANNER, None)
-                    elif kind == EV_LIFE:
-                        self._lifecycle(*obj)
-                    elif kind == EV_CALL:
-                        obj[0](*obj[1])
-                elif ai < n:
-                    self.now = t_arr
-                    self._arrive(reqs[ai], t_arr)
-                    ai += 1
-                    t_arr = reqs[ai].arrival_s + ovh if ai < n else inf
-                else:
-                    break
+            try:
+                while True:
+                    if heap and heap[0][0] <= t_arr:
+                        t, _, kind, obj, gen = pop(heap)
+                        self.now = t
+                        self.events += 1
+                        if kind == EV_WORKER:
+                            if obj.gen != gen:
+                                continue
+                            obj.t_event = None
+                            obj.engine.on_event(t)
+                            self._resched(obj)
+                            if obj.state != "active":
+                                self._check_drained(obj)
+                        elif kind == EV_XFER:
+                            self._xfer_done(*obj)
+                        elif kind == EV_PUBLISH:
+                            self._publish()
+                            if not self._finished(ai, n):
+                                self._push(t + self.cfg.publish_interval_s, EV_PUBLISH, None)
+                        elif kind == EV_TIMELINE:
+                            self._sample()
+                            if progress is not None:
+                                progress(self)
+                            if not self._finished(ai, n):
+                                self._push(t + self.cfg.timeline_interval_s, EV_TIMELINE, None)
+                        elif kind == EV_PLANNER:
+                            self._planner_tick()
+                            if not self._finished(ai, n):
+                                self._push(t + self.cfg.planner_tick_s, EV_PLANNER, None)
+                        elif kind == EV_LIFE:
+                            self._lifecycle(*obj)
+                        elif kind == EV_CALL:
+                            obj[0](*obj[1])
+                    elif ai < n:
+                        self.now = t_arr
+                        self._arrive(reqs[ai], t_arr)
+                        ai += 1
+                        t_arr = reqs[ai].arrival_s + ovh if ai < n else inf
+                    else:
+                        break
+            finally:
+                gc.unfreeze()
+                if gc_was:
+                    gc.enable()
         # requests that can never be served (no worker for their pool)
         for sr in list(self.pending) + [x[0] for x in self.pending_decode]:
             if not sr.done:
