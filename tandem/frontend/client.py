@@ -115,9 +115,23 @@ class RequestHandle:
                     return self.acc
                 continue
             self.n_yielded += 1
+            if not d.finished and not self.queue.empty():
+                d = self._coalesce(d)
             if d.finished:
                 self.done = True
             return d
+
+    def _coalesce(self, d: Delta) -> Delta:
+        """Merge the deltas already queued behind `d` into one, so a frontend that falls behind sends
+        fewer, larger SSE chunks instead of lagging further (no token is dropped)."""
+        self.acc = None
+        self._merge(d)
+        while not self.acc.finished and not self.queue.empty():
+            epoch, nxt = self.queue.get_nowait()
+            if epoch == self.epoch:
+                self._merge(nxt)
+        out, self.acc = self.acc, None
+        return out
 
     def _merge(self, d: Delta) -> None:
         a = self.acc
