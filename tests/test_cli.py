@@ -31,7 +31,8 @@ def test_serve_defaults_and_all_flags_parse():
 @pytest.mark.parametrize("argv,needle", [
     (["serve", "--prefill", "1", "--decode", "0"], "--prefill >= 1 and --decode >= 1"),
     (["serve", "--prefill", "1", "--decode", "1", "--workers", "2"], "either --workers"),
-    (["serve", "--planner"], "not supported yet"),
+    (["serve", "--planner"], "--planner needs disaggregated pools"),
+    (["serve", "--prefill", "1", "--decode", "1", "--planner"], "--planner-profile"),
     (["serve", "--workers", "0"], "--workers"),
     (["serve", "--model", "/definitely/not/here"], "neither a model directory nor a preset"),
 ])
