@@ -301,13 +301,14 @@ class PerfProfile:
                        max(1.0, nonneg(batch, 1.0)), nonneg(context))
 
     def max_decode_batch(self, context: float, tpot_s: float, kv_frac: float = 0.9,
-                         kv_capacity_tokens: int = 0) -> tuple[int, float, bool]:
+                         kv_capacity_tokens: int = 0, max_batch: int = 0) -> tuple[int, float, bool]:
         """(largest batch b, its step time, feasible): step(b, ctx) <= tpot_s and b x ctx fits in
         kv_frac of the KV cache. Not feasible (b = 1) when even batch 1 misses the target."""
         context = max(1.0, nonneg(context, 1.0))
         tpot_s = nonneg(tpot_s)
         kvcap = kv_capacity_tokens or self.kv_capacity_tokens
-        key = ("mb", int(context // 32), round(tpot_s, 5), round(kv_frac, 3), int(kvcap))
+        key = ("mb", int(context // 32), round(tpot_s, 5), round(kv_frac, 3), int(kvcap),
+               int(max_batch))
         hit = self._cache.get(key)
         if hit is not None:
             return hit
@@ -316,6 +317,8 @@ class PerfProfile:
         else:
             hi = int(max(self.decode_batch) * 4) if self.decode_batch else 1
         hi = min(hi, 1 << 16)
+        if max_batch > 0:
+            hi = min(hi, int(max_batch))
         if self.decode_step_time(1, context) > tpot_s:
             res = (1, self.decode_step_time(1, context), False)
         else:
@@ -474,11 +477,12 @@ def prefill_workers_needed(d: Demand, p: PerfProfile, ttft_s: float, util_max: f
 
 
 def decode_workers_needed(d: Demand, p: PerfProfile, tpot_s: float, util_max: float = 0.9,
-                          kv_frac: float = 0.9, kv_capacity_tokens: int = 0
+                          kv_frac: float = 0.9, kv_capacity_tokens: int = 0, max_batch: int = 0
                           ) -> tuple[int, float, bool, dict]:
     """(workers, offered load in workers / util_max, feasible, info) for the TPOT target."""
     ctx = nonneg(d.context) or (nonneg(d.isl) + nonneg(d.osl) / 2.0)
-    b, step, feasible = p.max_decode_batch(max(ctx, 1.0), tpot_s, kv_frac, kv_capacity_tokens)
+    b, step, feasible = p.max_decode_batch(max(ctx, 1.0), tpot_s, kv_frac, kv_capacity_tokens,
+                                           max_batch)
     thr = b / step if step > 0 else 0.0
     info = {"decode_batch_max": b, "decode_step_s": step, "decode_cap_tps": thr, "context": ctx}
     if thr <= 0:
@@ -493,9 +497,10 @@ def decode_workers_needed(d: Demand, p: PerfProfile, tpot_s: float, util_max: fl
 def workers_needed(d: Demand, p: PerfProfile, ttft_s: float, tpot_s: float, *,
                    prefill_util_max: float = 0.85, decode_util_max: float = 0.9,
                    kv_frac: float = 0.9, drain_s: float = 4.0,
-                   kv_capacity_tokens: int = 0, max_workers: int = 100_000) -> Need:
+                   kv_capacity_tokens: int = 0, max_workers: int = 100_000,
+                   max_batch: int = 0) -> Need:
     np_, lp, fp, ip = prefill_workers_needed(d, p, ttft_s, prefill_util_max, drain_s,
                                              max_workers=max_workers)
     nd, ld, fd, idd = decode_workers_needed(d, p, tpot_s, decode_util_max, kv_frac,
-                                            kv_capacity_tokens)
+                                            kv_capacity_tokens, max_batch)
     return Need(np_, nd, lp, ld, fp, fd, {**ip, **idd})

@@ -49,6 +49,7 @@ class DynamoConfig:
     use_correction: bool = True
     prefill_engine_num_gpu: int = 1
     decode_engine_num_gpu: int = 1
+    max_num_seqs: int = 256               # the engines' batch cap (bounds the profiled concurrency)
     history: int = 200
 
     def to_dict(self) -> dict:
@@ -188,7 +189,8 @@ class DynamoBaseline:
         next_p = math.ceil(load_p / thpt_p / cfg.prefill_engine_num_gpu - 1e-9)
         # decode replicas
         corrected_itl = cfg.slo_itl_ms / 1000 / self.d_corr if self.d_corr > 0 else cfg.slo_itl_ms / 1000
-        b, step, _ = prof.max_decode_batch(n_isl + n_osl / 2, corrected_itl, kv_frac=1.0)
+        b, step, _ = prof.max_decode_batch(n_isl + n_osl / 2, corrected_itl, kv_frac=1.0,
+                                           max_batch=cfg.max_num_seqs)
         thpt_d = b / step if step > 0 else 1.0
         next_d = math.ceil(n_req * n_osl / interval / thpt_d / cfg.decode_engine_num_gpu - 1e-9)
         next_p = max(next_p, cfg.min_endpoint)

@@ -84,6 +84,8 @@ class Planner:
         self._osl = 0.0
         self._isl_p90 = 0.0
         self._ctx_extra = 0.0      # cached prompt tokens per request (part of decode context)
+        self._ctx = 0.0            # decode-token-weighted mean context (isl + osl / 2)
+        self._cls_osl: dict[str, float] = {}   # mean output length per class
         self._shape_alpha = 0.2
         # history and counters
         self.history: deque[Decision] = deque(maxlen=max(1, int(self.cfg.history)))
@@ -103,6 +105,8 @@ class Planner:
         self._last_stop_t = -math.inf
         self._regime = "init"
         self._last_now: Optional[float] = None
+        self._grow_t = {"prefill": -math.inf, "decode": -math.inf}
+        self._needs: deque[tuple[float, int, int, float, float]] = deque()
 
     # ================================================================================ public API
     def tick(self, view: ClusterView) -> list[Decision]:
@@ -127,15 +131,26 @@ class Planner:
                               prefill_util_max=cfg.prefill_util_max,
                               decode_util_max=cfg.decode_util_max, kv_frac=cfg.kv_util_max,
                               drain_s=cfg.backlog_drain_s, kv_capacity_tokens=m["kv_capacity"],
-                              max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)))
+                              max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)),
+                              max_batch=cfg.max_num_seqs)
         need_p = max(need.prefill, cfg.min_prefill)
         need_d = max(need.decode, cfg.min_decode)
-        # measured SLO pressure: one more worker of need for the pool that misses its SLO
+        # measured SLO pressure: one more worker of need for the pool that misses its SLO, unless
+        # that pool grew so recently that the measurement window cannot show it yet
+        settle = m["window_s"] + self.profile.role_flip_s + cfg.tick_s
+        if m["prefill_pressure"] and now - self._grow_t["prefill"] < settle:
+            m["prefill_pressure"] = False
+        if m["decode_pressure"] and now - self._grow_t["decode"] < settle:
+            m["decode_pressure"] = False
         if m["prefill_pressure"] and need_p <= P:
             need_p = P + 1
         if m["decode_pressure"] and need_d <= D:
             need_d = D + 1
         load_p, load_d = nonneg(need.prefill_load), nonneg(need.decode_load)
+        # peak hold: a pool keeps what it needed in the last peak_window_s, so that bursts
+        # shorter than a flip round trip do not make workers chase them
+        now_need = (need_p, need_d, load_p, load_d)
+        need_p, need_d, load_p, load_d = self._hold(now, now_need)
         idle = (m["arrivals"] == 0 and m["running"] == 0 and m["prefill_backlog"] <= 0
                 and m["completions"] == 0)
         if idle:
@@ -149,7 +164,8 @@ class Planner:
             "pressure": {"prefill": m["prefill_pressure"], "decode": m["decode_pressure"]},
             "predicted": {k: _r(v) for k, v in pred.items()},
             "need": {"prefill": need_p, "decode": need_d, "prefill_load": _r(load_p),
-                     "decode_load": _r(load_d), "prefill_feasible": need.prefill_feasible,
+                     "decode_load": _r(load_d), "prefill_now": now_need[0],
+                     "decode_now": now_need[1], "prefill_feasible": need.prefill_feasible,
                      "decode_feasible": need.decode_feasible},
             "capacity": {k: _r(v) for k, v in need.info.items()},
             "split": {"prefill": P, "decode": D, "budget": G,
@@ -234,6 +250,17 @@ class Planner:
         }
 
     # ============================================================================== internals
+    def _hold(self, now: float, cur: tuple[int, int, float, float]) -> tuple[int, int, float, float]:
+        w = self.cfg.peak_window_s
+        if w <= 0:
+            return cur
+        q = self._needs
+        q.append((now, *cur))
+        while q and q[0][0] < now - w:
+            q.popleft()
+        return (max(x[1] for x in q), max(x[2] for x in q), max(x[3] for x in q),
+                max(x[4] for x in q))
+
     def _expire_pending(self, now: float, workers: list[WorkerView]) -> None:
         by_id = {str(w.worker_id): w for w in workers}
         timeout = max(10.0, 5.0 * self.profile.role_flip_s, 3 * self.cfg.tick_s)
@@ -256,6 +283,7 @@ class Planner:
         isl_p90 = 0.0
         classes = view.classes if isinstance(view.classes, dict) else {}
         slo_cls = set(cfg.slo_classes) if cfg.slo_classes else None
+        per_cls: list[tuple[str, int, float]] = []        # (class, arrivals, prompt tokens)
         for name, c in classes.items():
             a = int(nonneg(getattr(c, "arrivals", 0)))
             arrivals += a
@@ -265,7 +293,15 @@ class Planner:
             uncached += min(pt, u) if u is not None else pt
             k = int(nonneg(getattr(c, "completions", 0)))
             completions += k
-            out_tok += nonneg(getattr(c, "output_tokens", 0))
+            ot = nonneg(getattr(c, "output_tokens", 0))
+            out_tok += ot
+            key = str(name)
+            if k > 0 and (key in self._cls_osl or len(self._cls_osl) < 64):
+                o = ot / k
+                prev = self._cls_osl.get(key)
+                self._cls_osl[key] = o if prev is None else prev + self._shape_alpha * (o - prev)
+            if a > 0:
+                per_cls.append((key, a, pt))
             gen += nonneg(getattr(c, "generated_tokens", 0))
             isl_p90 = max(isl_p90, nonneg(getattr(c, "isl_p90", 0)))
             if slo_cls is None or name in slo_cls:
@@ -280,13 +316,22 @@ class Planner:
         if completions > 0:
             osl = out_tok / completions
             self._osl = osl if self._osl <= 0 else self._osl + a * (osl - self._osl)
+        # decode demand of what arrived: each class's arrivals x that class's mean output length
+        dec_tok = dec_ctx = 0.0
+        for key, n, pt in per_cls:
+            o = self._cls_osl.get(key, self._osl)
+            dec_tok += n * o
+            dec_ctx += n * o * (pt / n + o / 2.0)
+        if dec_tok > 0:
+            ctx = dec_ctx / dec_tok
+            self._ctx = ctx if self._ctx <= 0 else self._ctx + a * (ctx - self._ctx)
         if arrivals > 0:
             cached_per_req = max(0.0, prompt - uncached) / arrivals
             self._ctx_extra += a * (cached_per_req - self._ctx_extra)
             if isl_p90 > 0:
                 self._isl_p90 = isl_p90 if self._isl_p90 <= 0 else \
                     self._isl_p90 + a * (isl_p90 - self._isl_p90)
-        backlog = inflight = running = 0.0
+        backlog = inflight = running = upcoming = 0.0
         kv_caps: list[int] = []
         kv_full = decode_queue = False
         for w in workers:
@@ -298,6 +343,7 @@ class Planner:
             running += nrun + nwait
             if role == "prefill":
                 backlog += wait_tok
+                upcoming += nrun + nwait      # prefilling now, decoding soon
             elif role == "decode":
                 inflight += nrun + nwait
                 backlog += 0.0
@@ -309,6 +355,13 @@ class Planner:
                 cap = int(nonneg(w.kv_capacity_tokens))
                 if cap > 0:
                     kv_caps.append(cap)
+        # of the requests in the prefill stage, only those the prefill pool finishes within a
+        # flip's horizon will occupy decode slots before a flip could add any
+        n_p = sum(1 for w in workers if w.in_service() and w.effective_role() == "prefill")
+        isl_now = prompt / arrivals if arrivals else max(self._ctx - self._osl / 2.0, 1.0)
+        horizon = 2.0 * (self.profile.role_flip_s + cfg.tick_s)
+        flow = n_p * self.profile.prefill_capacity_tps(isl_now) * horizon / max(isl_now, 1.0)
+        upcoming = min(upcoming, flow)
         ttft_p90 = max(ttft90) if ttft90 else None
         tpot_p90 = max(tpot90) if tpot90 else None
         qwait = opt_nonneg(view.prefill_queue_wait_p90_s)
@@ -318,13 +371,14 @@ class Planner:
                                or kv_full or decode_queue)
         return {
             "window_s": win, "arrivals": arrivals, "completions": completions,
-            "rate": arrivals / win, "prefill_tps": uncached / win,
+            "rate": arrivals / win, "prefill_tps": uncached / win, "decode_demand_tps": dec_tok / win,
             "prompt_tps": prompt / win, "generated_tps": gen / win,
             "osl_mean": self._osl, "isl_p90": self._isl_p90,
             "ttft_p90_ms": ttft_p90 if ttft_p90 is not None else 0.0,
             "tpot_p90_ms": tpot_p90 if tpot_p90 is not None else 0.0,
             "prefill_queue_wait_p90_s": qwait if qwait is not None else 0.0,
-            "prefill_backlog": backlog, "decode_inflight": inflight, "running": running,
+            "prefill_backlog": backlog, "decode_inflight": inflight + upcoming,
+            "decode_upcoming": upcoming, "running": running,
             "kv_capacity": min(kv_caps) if kv_caps else 0,
             "prefill_pressure": prefill_pressure, "decode_pressure": decode_pressure,
         }
@@ -332,7 +386,7 @@ class Planner:
     def _predict(self, m: dict) -> dict:
         horizon = max(1.0, (self.profile.role_flip_s + self.cfg.tick_s) / self.cfg.tick_s)
         rate_obs = m["rate"]
-        decode_obs = max(rate_obs * m["osl_mean"], m["generated_tps"])
+        decode_obs = max(m["decode_demand_tps"], m["generated_tps"])
         self.pred["rate"].update(rate_obs)
         self.pred["prefill_tps"].update(m["prefill_tps"])
         self.pred["decode_tps"].update(decode_obs)
@@ -341,7 +395,7 @@ class Planner:
         dtps = nonneg(self.pred["decode_tps"].predict(horizon))
         isl = ptps / rate if rate > 1e-9 else 0.0
         osl = dtps / rate if rate > 1e-9 else nonneg(self._osl)
-        ctx = isl + self._ctx_extra + osl / 2.0
+        ctx = self._ctx if self._ctx > 0 else isl + self._ctx_extra + osl / 2.0
         return {"rate": rate, "prefill_tps": ptps, "decode_tps": dtps, "isl": isl, "osl": osl,
                 "context": ctx}
 
@@ -407,11 +461,14 @@ class Planner:
                 move, why = delta, f"idle for {now - (self._idle_since or now):.0f}s: " \
                                    f"moving to idle split {cfg.idle_split}"
         elif regime == "ok":
+            # the donor keeps its need and (1 + h) x its planned load
+            keep_d = max(need_d, math.ceil(y * (1 + h) - 1e-9))
+            keep_p = max(need_p, math.ceil(x * (1 + h) - 1e-9))
             if delta > 0 and P < need_p:
-                move = min(delta, need_p - P)
+                move = max(0, min(delta, need_p - P, D - keep_d))
                 why = f"rescue prefill: {P} < need {need_p}"
             elif delta < 0 and D < need_d:
-                move = -min(-delta, need_d - D)
+                move = -max(0, min(-delta, need_d - D, P - keep_p))
                 why = f"rescue decode: {D} < need {need_d}"
             elif delta != 0:
                 cur, new = self._score(P, G, x, y), self._score(target_p, G, x, y)
@@ -422,20 +479,23 @@ class Planner:
                     why = (f"balance: max utilisation {cur:.2f} -> {new:.2f} "
                            f"({'decode->prefill' if delta > 0 else 'prefill->decode'})")
         elif regime == "infeasible":
-            if delta != 0:
+            # a donor that misses its SLO gives only to a receiver that misses its SLO too
+            donor_pressed = m["decode_pressure"] if delta > 0 else m["prefill_pressure"]
+            recv_pressed = m["prefill_pressure"] if delta > 0 else m["decode_pressure"]
+            if delta != 0 and (recv_pressed or not donor_pressed):
                 cur, new = self._score(P, G, x, y), self._score(target_p, G, x, y)
-                if new <= cur * (1 - h):
+                if new <= cur * (1 - 2 * h):
                     move = delta
                     why = (f"over budget (need {need_p}P+{need_d}D > {G}): equalise overload "
                            f"{cur:.2f} -> {new:.2f}")
         if move == 0 and regime in ("ok", "infeasible"):
             # measured-SLO feedback: one flip toward the pool that misses its SLO
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
-                    cfg.min_decode, math.ceil(need_d * (1 + h)) if regime == "ok" else need_d):
+                    cfg.min_decode, math.ceil(need_d * (1 + h))):
                 move, why = 1, (f"feedback: prefill misses SLO (TTFT p90 "
                                 f"{m['ttft_p90_ms']:.0f} ms) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
-                    cfg.min_prefill, math.ceil(need_p * (1 + h)) if regime == "ok" else need_p):
+                    cfg.min_prefill, math.ceil(need_p * (1 + h))):
                 move, why = -1, (f"feedback: decode misses SLO (TPOT p90 "
                                  f"{m['tpot_p90_ms']:.0f} ms) and prefill has slack")
         if move == 0:
@@ -484,6 +544,7 @@ class Planner:
             wid = str(w.worker_id)
             self._pending[wid] = (dst, now)
             self._last_change[wid] = now
+            self._grow_t[dst] = now
             self.flips[f"{src}->{dst}"] += 1
             detail = (f"; worker had {int(nonneg(w.num_running))} running decodes, kv "
                       f"{nonneg(w.kv_usage):.0%}" if src == "decode" else
@@ -526,6 +587,7 @@ class Planner:
                 else:
                     short_d -= 1
                 self.starts += 1
+                self._grow_t[role] = now
                 out.append(Decision(time=now, action="start", to_role=role, inputs=dinputs,
                                     reason=(f"scale out: need {need_p}P+{need_d}D > "
                                             f"{P}P+{D}D in service (max {max_g})")))

@@ -199,12 +199,14 @@ class PlannerConfig:
     prefill_util_max: float = 0.85           # never plan a prefill pool above this utilisation
     decode_util_max: float = 0.9             # never plan a decode pool above this utilisation
     kv_util_max: float = 0.9                 # plan decode batches within this fraction of KV
+    max_num_seqs: int = 256                  # the engines' cap on running sequences (decode batch)
     backlog_drain_s: float = 4.0             # queued prefill tokens must clear within this time
     # anti-flapping
     min_dwell_s: float = 5.0                 # a worker keeps a role at least this long
     cooldown_s: float = 2.0                  # min time between two batches of flips
     reverse_cooldown_s: float = 6.0          # min time before flipping in the opposite direction
     hysteresis: float = 0.15                 # donor keeps (1+h) x its need; balance gain must be h
+    peak_window_s: float = 10.0              # plan for the largest need of this recent past (0: off)
     high_watermark: float = 0.8              # balance moves only when the bottleneck is above this
     max_flips_per_tick: int = 0              # 0: auto = max(1, round(flip_frac_per_tick x GPUs))
     flip_frac_per_tick: float = 0.05
@@ -220,7 +222,7 @@ class PlannerConfig:
     scale_in_delay_s: float = 30.0           # demand must stay low this long before a stop
     start_cooldown_s: float = 5.0
     # prediction
-    predictor: str = "ewma"                  # constant | ewma | holt | burst (max(ewma, last))
+    predictor: str = "burst"                 # constant | ewma | holt | burst (max(ewma, last))
     predictor_half_life_s: float = 4.0
     history: int = 200                       # decisions kept for /v1/cluster
 
@@ -240,7 +242,7 @@ class PlannerConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
-                     "backlog_drain_s", "flip_frac_per_tick"):
+                     "backlog_drain_s", "flip_frac_per_tick", "peak_window_s"):
             if not finite(getattr(self, name), -1) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not finite(self.predictor_half_life_s, -1) > 0:
