@@ -78,10 +78,22 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--classify", choices=("none", "shape"), default="none")
     g.add_argument("--shape-ratio", type=_positive(float), default=4.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-concurrency", type=_positive(int), default=None,
+                   help="cap requests in flight at the client, as tandem bench does (the wait shows as dispatch lag)")
     g.add_argument("--replicate", type=_positive(int), default=1,
                    help="R copies of the planned requests (scale a trace to many GPUs)")
     g.add_argument("--replicate-shift", choices=("random", "none"), default="random",
                    help="shift each copy circularly by a random offset (default) or not at all")
+
+    g = p.add_argument_group("accepted for copy-paste from a tandem bench command; no effect here")
+    for flag in ("--url", "--model", "--api-key", "--endpoint", "--prompt-mode", "--tokenizer", "--token-range",
+                 "--priority-format", "--temperature", "--extra-body", "--request-timeout", "--poll-interval",
+                 "--save-requests"):
+        g.add_argument(flag, default=None, help=argparse.SUPPRESS)
+    for flag in ("--no-cluster-poll", "--dry-run"):
+        g.add_argument(flag, action="store_true", help=argparse.SUPPRESS)
+    g.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
+    g.add_argument("--send-priority", action=argparse.BooleanOptionalAction, default=None, help=argparse.SUPPRESS)
 
     g = p.add_argument_group("cluster")
     g.add_argument("--profile", required=True, metavar="P.json",

@@ -65,6 +65,7 @@ class ClusterConfig:
     transfer_latency_s: float = 0.001         # fixed cost per KV transfer
     local_prefill_tokens: int = 0             # disagg: prompts with <= this many uncached tokens prefill on the decode worker
     request_overhead_s: float = 0.0           # frontend/network time before the router sees a request
+    max_concurrency: int | None = None        # client-side cap on requests in flight (tandem bench's)
     token_times: str = "all"                  # all | none | every:K (keep per-token times of every K-th request)
     router_impl: str = "indexed"              # indexed (tandem.sim.fastrouter) | base (KvRouter as is)
     seed: int = 0
@@ -76,12 +77,13 @@ class ClusterConfig:
 class SimReq:
     """One trace request as the frontend sees it."""
     __slots__ = ("br", "rid", "t_arr", "hashes", "times", "t_first", "t_last", "n_out", "status",
-                 "error_kind", "error", "cached", "stage", "pw", "dw", "t_sched", "done")
+                 "error_kind", "error", "cached", "stage", "pw", "dw", "t_sched", "done", "lag")
 
     def __init__(self, br, rid: str, t_arr: float):
         self.br = br
         self.rid = rid
-        self.t_arr = t_arr
+        self.t_arr = t_arr             # when the request reaches the router (send + overhead)
+        self.lag = 0.0                 # client-side wait for a concurrency slot
         self.hashes = None
         self.times: list[float] | None = None
         self.t_first: float | None = None
@@ -203,6 +205,7 @@ class SimCluster:
         self.by_name: dict[str, SimWorker] = {}
         self.reqs: list[SimReq] = []
         self.pending: deque = deque()            # requests waiting for a prefill/both worker
+        self.client_queue: deque = deque()       # requests waiting for a client concurrency slot
         self.pending_decode: deque = deque()     # prefilled requests waiting for a decode worker
         self.sent = self.completed = self.failed = 0
         self.out_tokens = 0
@@ -308,10 +311,24 @@ class SimCluster:
     def _arrive(self, br, t: float) -> None:
         sr = SimReq(br, f"r{br.idx}", t)
         self.reqs.append(sr)
-        self.sent += 1
         if self._times_every and br.idx % self._times_every == 0:
             sr.times = []
+        cap = self.cfg.max_concurrency
+        if cap is not None and self.sent - self.completed - self.failed >= cap:
+            self.client_queue.append(sr)
+            return
+        self.sent += 1
         self._dispatch(sr)
+
+    def _slot_freed(self) -> None:
+        """A request ended: with a client concurrency cap, send the next one waiting for a slot."""
+        if self.client_queue:
+            sr = self.client_queue.popleft()
+            ovh = self.cfg.request_overhead_s
+            sr.lag = self.now - sr.br.arrival_s
+            sr.t_arr = self.now + ovh
+            self.sent += 1
+            self._push(self.now + ovh, EV_CALL, (self._dispatch, (sr,)))
 
     def _dispatch(self, sr: SimReq) -> None:
         br = sr.br
@@ -356,9 +373,12 @@ class SimCluster:
         sr.status, sr.error_kind, sr.error = "error", kind, msg[:300]
         sr.done = True
         sr.stage = "done"
+        sr.hashes = None
         self.failed += 1
         if sr.t_last is None:
             sr.t_last = self.now
+        if self.client_queue:
+            self._slot_freed()
 
     def _roles_changed(self) -> None:
         """Disaggregated mode while any live worker is (or is becoming) a prefill worker."""
@@ -411,8 +431,11 @@ class SimCluster:
         sr.n_out = n_out
         sr.done = True
         sr.stage = "done"
+        sr.hashes = None
         self.completed += 1
         self.out_tokens += n_out
+        if self.client_queue:
+            self._slot_freed()
         if self.window is not None:
             tp = (t - sr.t_first) / (n_out - 1) if n_out > 1 and sr.t_first is not None else None
             self.window.on_tokens(t, sr.br.cls, n_out)
@@ -701,7 +724,7 @@ class SimCluster:
         self._sample()
 
     def _finished(self, ai: int, n: int) -> bool:
-        if ai < n or self.completed + self.failed < self.sent:
+        if ai < n or self.client_queue or self.completed + self.failed < self.sent:
             return False
         return True
 
@@ -711,9 +734,10 @@ class SimCluster:
         out = []
         for sr in self.reqs:
             br = sr.br
-            a = br.arrival_s
-            rec = RequestRecord(arrival_s=a, cls=br.cls, priority=br.priority, isl=br.isl,
-                                osl_requested=br.osl, idx=br.idx, prompt_tokens=br.isl)
+            a = br.arrival_s + sr.lag            # the actual send (bench: arrival_s + dispatch_lag_s)
+            rec = RequestRecord(arrival_s=br.arrival_s, cls=br.cls, priority=br.priority, isl=br.isl,
+                                osl_requested=br.osl, idx=br.idx, prompt_tokens=br.isl,
+                                dispatch_lag_s=sr.lag)
             if sr.status == "ok":
                 rec.output_tokens = sr.n_out
                 rec.ttft_s = sr.t_first - a

@@ -191,6 +191,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         planner_tick_s=args.planner_tick, planner_window_s=args.planner_window,
         transfer_gbps=args.transfer_gbps, transfer_latency_s=args.transfer_latency_ms / 1e3,
         local_prefill_tokens=args.local_prefill_tokens, request_overhead_s=args.request_overhead_ms / 1e3,
+        max_concurrency=getattr(args, "max_concurrency", None),
         token_times=tt, seed=args.seed, engine=ecfg,
         router_impl=getattr(args, "router_impl", "indexed"))
     planner, planner_cfg = make_planner(args, profile, len(roles))
@@ -234,7 +235,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         "ignore_eos": True,
         "send_priority": True,
         "priority_format": "name",
-        "max_concurrency": None,
+        "max_concurrency": getattr(args, "max_concurrency", None),
         "slo_ttft_ms": args.slo_ttft_ms,
         "slo_tpot_ms": args.slo_tpot_ms,
         "slo_by_class": slo_by_class,

@@ -83,3 +83,28 @@ def test_throughput_smoke_8_gpus(traces_dir, tmp_path):
     assert sim["virtual_s"] > 120
     assert sim["cpu_s"] < 30, sim                  # ~3 s on an idle core
     assert sim["speedup_cpu"] > 4
+
+
+def test_a_bench_command_line_runs_as_is(profile_path, tmp_path):
+    """Validation is one command: the bench's flags (client-only ones are ignored), plus the
+    cluster's. --max-concurrency is modelled as the bench's client does it (dispatch lag)."""
+    out = tmp_path / "b.json"
+    rc = main(["--url", "http://127.0.0.1:8000", "--model", "m", "--endpoint", "completions",
+               "--workload", "chat", "--rate", "40", "--duration", "10", "--max-concurrency", "4",
+               "--ignore-eos", "--prompt-mode", "ids", "--no-cluster-poll", "--seed", "1",
+               "--gpus", "1", "--profile", profile_path, "--out", str(out), "--quiet"])
+    assert rc == 0
+    rep = json.loads(out.read_text())
+    assert rep["config"]["max_concurrency"] == 4
+    reqs = rep["requests"]
+    assert max(r["dispatch_lag_s"] for r in reqs) > 0.1
+    # never more than 4 in flight: sends (arrival + lag) vs ends (send + e2e)
+    ev = sorted([(r["arrival_s"] + r["dispatch_lag_s"], 1) for r in reqs] +
+                [(r["arrival_s"] + r["dispatch_lag_s"] + r["e2e_s"] - 1e-5, -1) for r in reqs],   # us rounding
+                key=lambda x: (x[0], x[1]))
+    live = peak = 0
+    for _, d in ev:
+        live += d
+        peak = max(peak, live)
+    assert peak <= 4
+    assert rep["summary"]["overall"]["requests_completed"] == len(reqs)
