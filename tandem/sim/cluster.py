@@ -730,7 +730,7 @@ class SimCluster:
 
     # ------------------------------------------------------------------ results
     def records(self) -> list:
-        from tandem.bench.records import RequestRecord
+        RequestRecord = sim_record_class()
         out = []
         for sr in self.reqs:
             br = sr.br
@@ -764,6 +764,37 @@ class SimCluster:
 
     def gpu_seconds(self) -> float:
         return sum(((w.stopped_at if w.stopped_at is not None else self.now) - w.started_at) for w in self.workers)
+
+
+_SIM_RECORD = None
+
+
+def sim_record_class():
+    """`RequestRecord` whose `to_dict` builds the same dict as the base class without
+    `dataclasses.asdict` (which deep-copies field by field: ~35 us a record on Python 3.11)."""
+    global _SIM_RECORD
+    if _SIM_RECORD is not None:
+        return _SIM_RECORD
+    from dataclasses import fields
+
+    from tandem.bench.records import RequestRecord
+    names = tuple(f.name for f in fields(RequestRecord))
+    rounded = ("arrival_s", "ttft_s", "e2e_s", "dispatch_lag_s")
+
+    class SimRecord(RequestRecord):
+        def to_dict(self, ndigits: int | None = 6) -> dict:
+            d = {k: getattr(self, k) for k in names}
+            if ndigits is not None:
+                d["token_times_s"] = [round(t, ndigits) for t in self.token_times_s]
+                for k in rounded:
+                    if d[k] is not None:
+                        d[k] = round(d[k], ndigits)
+            else:
+                d["token_times_s"] = list(self.token_times_s)
+            return d
+
+    _SIM_RECORD = SimRecord
+    return SimRecord
 
 
 class SimConnector:

@@ -224,3 +224,17 @@ def test_sim_never_imports_torch():
     code = ("import sys; import tandem.sim.cli, tandem.sim.run, tandem.sim.cluster, tandem.sim.fastrouter, "
             "tandem.engine.sim_engine; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_sim_records_serialise_like_request_records(profile_dict):
+    from dataclasses import asdict
+
+    from tandem.bench.records import RequestRecord
+    from tandem.bench.report import build_report
+    _, cluster = run(profile_dict, random_reqs(30, seed=1, rate=30.0), "--gpus", "1")
+    recs = cluster.records()
+    base = [RequestRecord(**asdict(r)) for r in recs]
+    assert [r.to_dict() for r in recs] == [b.to_dict() for b in base]
+    assert [r.to_dict(None) for r in recs] == [b.to_dict(None) for b in base]
+    cfg = {"slo_ttft_ms": 100, "gpus": 1}
+    assert json.dumps(build_report(cfg, recs, cluster.timeline)) == json.dumps(build_report(cfg, base, cluster.timeline))
