@@ -108,3 +108,19 @@ def test_a_bench_command_line_runs_as_is(profile_path, tmp_path):
         peak = max(peak, live)
     assert peak <= 4
     assert rep["summary"]["overall"]["requests_completed"] == len(reqs)
+
+
+def test_calibration_recovers_known_overheads(profile_path, tmp_path):
+    """A 'real' report made by the simulator with known overheads: the calibrator finds them again."""
+    from tandem.sim.calibrate import main as cal
+    real = tmp_path / "real.json"
+    load = ["--workload", "chat", "--rate", "3", "--duration", "30", "--seed", "2", "--gpus", "1",
+            "--profile", profile_path]
+    assert main([*load, "--step-overhead-ms", "3", "--request-overhead-ms", "4", "--out", str(real),
+                 "--quiet"]) == 0
+    out = tmp_path / "cal.json"
+    assert cal(["--real", str(real), *load, "--out", str(out)]) == 0
+    hist = json.loads(out.read_text())["config"]["sim"]["calibration"]["history"]
+    last = hist[-1]
+    assert last["step_overhead_ms"] == pytest.approx(3.0, abs=0.4)
+    assert last["request_overhead_ms"] == pytest.approx(4.0, abs=1.5)
