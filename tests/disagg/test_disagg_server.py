@@ -94,17 +94,19 @@ def test_killing_prefill_worker_loses_no_request(llama_dir):
     try:
         s.wait_ready()
         pre = next(w for w in s.cluster()["workers"] if w["role"] == "prefill")
-        ps = prompts(12, 60, 9)
+        ps = prompts(16, 200, 9)
         ref = LLM(llama_dir, device="cpu").generate(ps, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
-        with cf.ThreadPoolExecutor(12) as ex:
+        with cf.ThreadPoolExecutor(16) as ex:
             futs = [ex.submit(complete, s, p, 24) for p in ps]
-            time.sleep(0.4)
+            time.sleep(0.15)
             os.kill(pre["pid"], signal.SIGKILL)
             results = [f.result() for f in futs]
         for r, o in zip(results, ref):
             assert r["choices"][0]["token_ids"] == o.token_ids
-        c = s.cluster()
-        assert not next(w for w in c["workers"] if w["id"] == pre["id"])["alive"]
+        deadline = time.monotonic() + 10
+        while next(w for w in s.cluster()["workers"] if w["id"] == pre["id"])["alive"]:
+            assert time.monotonic() < deadline, "killed worker never marked dead"
+            time.sleep(0.2)
         # the server keeps serving with the decode worker alone
         assert complete(s, ps[0], 24)["choices"][0]["token_ids"] == ref[0].token_ids
     finally:

@@ -78,3 +78,39 @@ def drain_ref(model_dir, prompt):
         eng.add_request("r", prompt, P)
         _REF[key] = drain(eng)
     return _REF[key]
+
+
+def test_worker_falls_back_to_recompute_on_injected_failure(llama_dir):
+    """A decode worker whose KV fetch fails still completes the request, token-identical, by prefilling
+    it itself (the transfer agent's failure injection)."""
+    import time as _t
+
+    from tandem.transfer.agent import TransferAgent
+    from tandem.worker.proc import WorkerCore
+    from tandem.worker.protocol import Deltas, Generate
+    pre = Engine(EngineConfig(llama_dir, device="cpu"))
+    dec = Engine(EngineConfig(llama_dir, device="cpu"))
+    src = TransferAgent(pre, threading.Lock())
+    agent = TransferAgent(dec, threading.Lock())
+    sent = []
+    core = WorkerCore(dec, "d0", "decode", send=sent.append, transfer=agent)
+    try:
+        prompt = list(range(20, 20 + 40))
+        pre.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), hold_kv=True)
+        first, _ = drain(pre)
+        agent.fail_next = 1
+        core.handle(Generate("a", prompt, P.to_dict(), "interactive", output_token_ids=first,
+                             kv_source={"addr": src.addr, "request_id": "a"}))
+        deadline = _t.monotonic() + 10
+        while not dec.has_unfinished_requests() and _t.monotonic() < deadline:
+            core.poll_transfers()
+            _t.sleep(0.01)
+        while core.has_work():
+            core.step()
+        toks = [t for m in sent if isinstance(m, Deltas) for d in m.outputs for t in d.new_token_ids]
+        assert first + toks == drain_ref(llama_dir, prompt)[0]
+        assert agent.counters.fallbacks == 1 and agent.counters.fetched == 0
+        assert dec.stats().prompt_tokens_computed >= 40          # it really recomputed the prompt
+    finally:
+        src.close()
+        agent.close()
