@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from tandem.common.hashing import ROOT_HASH, hash_block
 
 
-@dataclass
+@dataclass(slots=True)
 class Block:
     block_id: int
     ref_cnt: int = 0

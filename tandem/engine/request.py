@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from tandem.common.sampling import PRIORITIES, SamplingParams
 
 
+_RANK = {p: i for i, p in enumerate(PRIORITIES)}
+
+
 class Status(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -50,7 +53,7 @@ class Request:
 
     @property
     def rank(self) -> int:
-        return PRIORITIES.index(self.priority)
+        return _RANK[self.priority]
 
     @property
     def num_tokens(self) -> int:
