@@ -106,6 +106,7 @@ class Planner:
         self._regime = "init"
         self._last_now: Optional[float] = None
         self._grow_t = {"prefill": -math.inf, "decode": -math.inf}
+        self._last_hold: dict[str, float] = {}
         self._needs: deque[tuple[float, int, int, float, float]] = deque()
 
     # ================================================================================ public API
@@ -203,7 +204,9 @@ class Planner:
         if cfg.scaling:
             decisions += self._scale(now, pools, need_p, need_d, decisions, inputs, idle)
 
-        if regime != self._regime and regime in ("idle", "infeasible") and not decisions:
+        if (regime != self._regime and regime in ("idle", "infeasible") and not decisions
+                and now - self._last_hold.get(regime, -math.inf) >= 60.0):
+            self._last_hold[regime] = now
             decisions.append(Decision(time=now, action="hold", reason=self._hold_reason(
                 regime, need_p, need_d, G), inputs=self._decision_inputs(inputs)))
         self._regime = regime
@@ -461,9 +464,11 @@ class Planner:
                 move, why = delta, f"idle for {now - (self._idle_since or now):.0f}s: " \
                                    f"moving to idle split {cfg.idle_split}"
         elif regime == "ok":
-            # the donor keeps its need and (1 + h) x its planned load
-            keep_d = max(need_d, math.ceil(y * (1 + h) - 1e-9))
-            keep_p = max(need_p, math.ceil(x * (1 + h) - 1e-9))
+            # the donor keeps its need, (1 + h) x its planned load, and stays under the high
+            # watermark (a rescue must not create the next bottleneck)
+            wm = max(cfg.high_watermark, 1e-3)
+            keep_d = max(need_d, math.ceil(y * (1 + h) - 1e-9), math.ceil(y / wm - 1e-9))
+            keep_p = max(need_p, math.ceil(x * (1 + h) - 1e-9), math.ceil(x / wm - 1e-9))
             if delta > 0 and P < need_p:
                 move = max(0, min(delta, need_p - P, D - keep_d))
                 why = f"rescue prefill: {P} < need {need_p}"
@@ -577,7 +582,7 @@ class Planner:
         short_p, short_d = max(0, need_p - P), max(0, need_d - D)
         if T < min_g:
             short_d = max(short_d, min_g - T - short_p)
-        n_start = min(short_p + short_d, max_g - T, k)
+        n_start = min(short_p + short_d, max_g - T)   # all at once: a start is slow
         if n_start > 0 and now - self._last_start_t >= cfg.start_cooldown_s:
             self._low_since = None
             for i in range(n_start):

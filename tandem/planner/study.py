@@ -32,7 +32,8 @@ PROFILE = "synthetic:8b"
 # random circular shifts), or the synthetic workload's rate, per GPU. Chosen so that the best
 # static split is loaded but can meet the SLOs most of the time (see docs/planner.md).
 WORKLOADS: dict[str, dict] = {
-    "conv": {"trace": CONV, "copies_per_gpu": 1.3},
+    # the second half of the conversation trace: its rate swells from ~280 to ~480 req/min
+    "conv": {"trace": CONV, "copies_per_gpu": 1.3, "trace_start": 900},
     "code": {"trace": CODE, "copies_per_gpu": 0.5},
     "bursty": {"workload": "bursty", "rate_per_gpu": 2.0, "wl": []},
     # the same generator with the mix swinging between all-summarization and all-chat at a
@@ -52,8 +53,9 @@ def sim_argv(spec: dict) -> list[str]:
         R = max(1, int(round(w["copies_per_gpu"] * G * spec.get("load", 1.0))))
         a += ["--trace", os.path.join(spec.get("traces", TRACES), w["trace"]), "--replicate", str(R),
               "--time-scale", str(spec.get("time_scale", 1.0))]
-        if spec.get("trace_start"):
-            a += ["--trace-start", str(spec["trace_start"])]
+        start = spec.get("trace_start", w.get("trace_start"))
+        if start:
+            a += ["--trace-start", str(start)]
     else:
         a += ["--workload", w["workload"], "--rate", str(w["rate_per_gpu"] * G * spec.get("load", 1.0))]
         for kv in w.get("wl", []):
@@ -235,7 +237,7 @@ def study(G: int, workloads: list[str], jobs: int, durations: dict, policies: li
         p0 = best["prefill"] if best else G // 2
         print(f"[{wl} @ {G} GPUs] best static P={p0}; dynamic policies", file=sys.stderr, flush=True)
         specs = [{**base, "policy": pol, "prefill": p0} for pol in policies]
-        out += run_many(specs, jobs, timeout_s=None)
+        out += run_many(specs, jobs, timeout_s=(2 * timeout_s) if timeout_s else None)
         if save:
             save(out)
     return out
@@ -378,7 +380,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rp.add_argument("--md", default=None)
     a = ap.parse_args(argv)
     if a.cmd == "run":
-        durs = {"conv": 1800.0, "code": 1800.0, "bursty": 600.0, "bursty-swing": 960.0}
+        durs = {"conv": 900.0, "code": 1800.0, "bursty": 600.0, "bursty-swing": 960.0}
         for kv in a.duration:
             k, v = kv.split("=", 1)
             durs[k] = float(v)
