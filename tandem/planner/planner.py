@@ -108,6 +108,7 @@ class Planner:
         self._grow_t = {"prefill": -math.inf, "decode": -math.inf}
         self._last_hold: dict[str, float] = {}
         self._needs: deque[tuple[float, int, int, float, float]] = deque()
+        self._loads: deque[tuple[float, float, float]] = deque()
 
     # ================================================================================ public API
     def tick(self, view: ClusterView) -> list[Decision]:
@@ -136,6 +137,13 @@ class Planner:
                               max_batch=cfg.max_num_seqs)
         need_p = max(need.prefill, cfg.min_prefill)
         need_d = max(need.decode, cfg.min_decode)
+        # the prefill queue is a leading signal: when what is queued cannot be prefilled within
+        # the TTFT target by the current pool, the pool misses its SLO now (TTFT shows it later)
+        cap_p = nonneg(need.info.get("prefill_cap_tps"))
+        drain = m["prefill_backlog"] / (P * cap_p) if P > 0 and cap_p > 0 else 0.0
+        m["prefill_queue_s"] = drain
+        if drain > cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac:
+            m["prefill_pressure"] = True
         # measured SLO pressure: one more worker of need for the pool that misses its SLO, unless
         # that pool grew so recently that the measurement window cannot show it yet
         settle = m["window_s"] + self.profile.role_flip_s + cfg.tick_s
@@ -152,6 +160,9 @@ class Planner:
         # shorter than a flip round trip do not make workers chase them
         now_need = (need_p, need_d, load_p, load_d)
         need_p, need_d, load_p, load_d = self._hold(now, now_need)
+        # donor memory: what each pool carried recently, decaying with donor_memory_s; a pool is
+        # not emptied between two bursts of a periodic load
+        m["memory_load_p"], m["memory_load_d"] = self._memory(now, now_need[2], now_need[3])
         idle = (m["arrivals"] == 0 and m["running"] == 0 and m["prefill_backlog"] <= 0
                 and m["completions"] == 0)
         if idle:
@@ -263,6 +274,26 @@ class Planner:
             q.popleft()
         return (max(x[1] for x in q), max(x[2] for x in q), max(x[3] for x in q),
                 max(x[4] for x in q))
+
+    def _memory(self, now: float, lp: float, ld: float) -> tuple[float, float]:
+        tau = self.cfg.donor_memory_s
+        if tau <= 0:
+            return lp, ld
+        q = self._loads
+        q.append((now, lp, ld))
+        while q and q[0][0] < now - 4 * tau:
+            q.popleft()
+        mp = max(v * math.exp(-(now - t) / tau) for t, v, _ in q)
+        md = max(v * math.exp(-(now - t) / tau) for t, _, v in q)
+        return mp, md
+
+    def _keep(self, need: int, load: float, memory: float) -> int:
+        """Workers a donor pool must keep: its need, (1 + h) x its planned load, and enough that
+        neither its load nor its recent (decaying) load exceeds the high watermark."""
+        cfg = self.cfg
+        wm = max(cfg.high_watermark, 1e-3)
+        return max(need, math.ceil(load * (1 + cfg.hysteresis) - 1e-9),
+                   math.ceil(max(load, memory) / wm - 1e-9))
 
     def _expire_pending(self, now: float, workers: list[WorkerView]) -> None:
         by_id = {str(w.worker_id): w for w in workers}
@@ -389,7 +420,11 @@ class Planner:
     def _predict(self, m: dict) -> dict:
         horizon = max(1.0, (self.profile.role_flip_s + self.cfg.tick_s) / self.cfg.tick_s)
         rate_obs = m["rate"]
-        decode_obs = max(m["decode_demand_tps"], m["generated_tps"])
+        # demand is what arrives (x each class's output length); tokens generated now include the
+        # tail of earlier arrivals (already counted as in-flight), so they only stand in until
+        # output lengths have been learnt
+        known = bool(self._cls_osl) or self._osl > 0
+        decode_obs = m["decode_demand_tps"] if known else m["generated_tps"]
         self.pred["rate"].update(rate_obs)
         self.pred["prefill_tps"].update(m["prefill_tps"])
         self.pred["decode_tps"].update(decode_obs)
@@ -466,9 +501,8 @@ class Planner:
         elif regime == "ok":
             # the donor keeps its need, (1 + h) x its planned load, and stays under the high
             # watermark (a rescue must not create the next bottleneck)
-            wm = max(cfg.high_watermark, 1e-3)
-            keep_d = max(need_d, math.ceil(y * (1 + h) - 1e-9), math.ceil(y / wm - 1e-9))
-            keep_p = max(need_p, math.ceil(x * (1 + h) - 1e-9), math.ceil(x / wm - 1e-9))
+            keep_d = self._keep(need_d, y, m["memory_load_d"])
+            keep_p = self._keep(need_p, x, m["memory_load_p"])
             if delta > 0 and P < need_p:
                 move = max(0, min(delta, need_p - P, D - keep_d))
                 why = f"rescue prefill: {P} < need {need_p}"
@@ -478,8 +512,10 @@ class Planner:
             elif delta != 0:
                 cur, new = self._score(P, G, x, y), self._score(target_p, G, x, y)
                 donor_after, donor_need = (D - delta, need_d) if delta > 0 else (P + delta, need_p)
+                donor_keep = (self._keep(need_d, y, m["memory_load_d"]) if delta > 0 else
+                              self._keep(need_p, x, m["memory_load_p"]))
                 if (cur >= cfg.high_watermark and new <= cur * (1 - h)
-                        and donor_after >= donor_need * (1 + h)):
+                        and donor_after >= max(donor_need * (1 + h), donor_keep)):
                     move = delta
                     why = (f"balance: max utilisation {cur:.2f} -> {new:.2f} "
                            f"({'decode->prefill' if delta > 0 else 'prefill->decode'})")
@@ -496,11 +532,13 @@ class Planner:
         if move == 0 and regime in ("ok", "infeasible"):
             # measured-SLO feedback: one flip toward the pool that misses its SLO
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
-                    cfg.min_decode, math.ceil(need_d * (1 + h))):
+                    cfg.min_decode, math.ceil(need_d * (1 + h)),
+                    self._keep(need_d, y, m["memory_load_d"])):
                 move, why = 1, (f"feedback: prefill misses SLO (TTFT p90 "
                                 f"{m['ttft_p90_ms']:.0f} ms) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
-                    cfg.min_prefill, math.ceil(need_p * (1 + h))):
+                    cfg.min_prefill, math.ceil(need_p * (1 + h)),
+                    self._keep(need_p, x, m["memory_load_p"])):
                 move, why = -1, (f"feedback: decode misses SLO (TPOT p90 "
                                  f"{m['tpot_p90_ms']:.0f} ms) and prefill has slack")
         if move == 0:

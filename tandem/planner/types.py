@@ -207,6 +207,7 @@ class PlannerConfig:
     reverse_cooldown_s: float = 6.0          # min time before flipping in the opposite direction
     hysteresis: float = 0.15                 # donor keeps (1+h) x its need; balance gain must be h
     peak_window_s: float = 10.0              # plan for the largest need of this recent past (0: off)
+    donor_memory_s: float = 30.0             # a donor keeps room for its recent load, decaying (0: off)
     high_watermark: float = 0.8              # balance moves only when the bottleneck is above this
     max_flips_per_tick: int = 0              # 0: auto = max(1, round(flip_frac_per_tick x GPUs))
     flip_frac_per_tick: float = 0.05
@@ -242,7 +243,7 @@ class PlannerConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
-                     "backlog_drain_s", "flip_frac_per_tick", "peak_window_s"):
+                     "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s"):
             if not finite(getattr(self, name), -1) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not finite(self.predictor_half_life_s, -1) > 0:
