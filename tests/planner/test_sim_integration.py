@@ -11,7 +11,7 @@ pytest.importorskip("tandem.sim.run")
 
 from tandem.planner.study import run_one  # noqa: E402
 
-SWING = {"workload": "bursty-swing", "gpus": 4, "duration": 120.0, "prefill": 2,
+SWING = {"workload": "bursty-swing", "gpus": 4, "duration": 180.0, "prefill": 2,
          "load": 1.0}
 
 
@@ -21,7 +21,7 @@ def _swing(policy, **kw):
     import tandem.planner.study as st
     old = st.WORKLOADS["bursty-swing"]
     st.WORKLOADS["bursty-swing"] = {**old, "wl": [
-        "burst_period_s=120,burst_duty=0.5,burst_factor=1,burst_mix=0.0", "mix=1.0,chat_osl=512"]}
+        "burst_period_s=120,burst_duty=0.5,burst_factor=1,burst_mix=0.0", "mix=1.0,chat_osl=1024"]}
     try:
         return run_one(spec)
     finally:
@@ -37,7 +37,7 @@ def test_planner_follows_the_swing_in_the_simulator():
     assert not r["kv_leaks"]
     static = _swing("static")
     assert static["ok"]
-    assert r["slo_attainment"] >= static["slo_attainment"] - 0.02
+    assert r["slo_attainment"] >= static["slo_attainment"] + 0.2
 
 
 def test_zero_traffic_in_the_simulator_is_calm():
