@@ -229,7 +229,7 @@ def study(G: int, workloads: list[str], jobs: int, durations: dict, policies: li
             base.setdefault("min_gpus", 2)
         print(f"[{wl} @ {G} GPUs] static sweep", file=sys.stderr, flush=True)
         st = sweep_static(base, jobs, (cands or {}).get(wl) or default_candidates(G),
-                          timeout_s=timeout_s)
+                          refine=not base.get("no_refine"), timeout_s=timeout_s)
         out += st
         if save:
             save(out)
@@ -245,31 +245,55 @@ def study(G: int, workloads: list[str], jobs: int, durations: dict, policies: li
 
 # ------------------------------------------------------------------------------------ reporting
 
+def label(r: dict) -> str:
+    ld = r.get("load", 1.0)
+    return r["workload"] if ld == 1.0 else f"{r['workload']} x{ld:g}"
+
+
+def dedupe(results: list[dict]) -> list[dict]:
+    """One result per (workload, load, GPUs, policy, prefill): a later file wins (re-runs)."""
+    seen: dict = {}
+    for r in results:
+        key = (label(r), r["gpus"], r["policy"], r["prefill"] if r["policy"] == "static" else None)
+        if r.get("ok") or key not in seen:
+            seen[key] = r
+    return list(seen.values())
+
+
 def best_static(rs: list[dict]) -> Optional[dict]:
     st = [r for r in rs if r.get("ok") and r["policy"] == "static"]
     return max(st, key=_score) if st else None
+
+
+def _wl_order(name: str) -> tuple:
+    base = name.split(" ")[0]
+    return (list(WORKLOADS).index(base) if base in WORKLOADS else 99, name)
 
 
 def table(results: list[dict]) -> str:
     rows = ["| workload | GPUs | policy | prefill:decode (start) | SLO attainment | goodput req/s | "
             "goodput/GPU | GPU-hours | vs best static (goodput/GPU) | flips | starts/stops | failed | wall s |",
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    keyf = lambda r: (r["workload"], r["gpus"])  # noqa: E731
+    keyf = lambda r: (label(r), r["gpus"])  # noqa: E731
     groups: dict = {}
     for r in results:
-        if r.get("ok"):
+        if r.get("ok") or r["policy"] != "static":
             groups.setdefault(keyf(r), []).append(r)
     order = {"static": 0, "planner": 1, "planner-scale": 2, "dynamo": 3}
-    for k in sorted(groups, key=lambda k: (list(WORKLOADS).index(k[0]) if k[0] in WORKLOADS else 99, k[1])):
+    for k in sorted(groups, key=lambda k: (k[1], _wl_order(k[0]))):
         rs = groups[k]
         bs = best_static(rs)
         shown = [bs] if bs else []
         shown += sorted((r for r in rs if r["policy"] != "static"), key=lambda r: order.get(r["policy"], 9))
         for r in shown:
             name = "best static" if r is bs else r["policy"]
+            if not r.get("ok"):
+                rows.append(f"| {label(r)} | {r['gpus']} | {name} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
+                            f"did not finish: {str(r.get('error', '?'))[:50]} | | | | | | | | {r.get('wall_s', 0):.0f} |")
+                continue
             rel = (r["goodput_per_gpu"] / bs["goodput_per_gpu"]) if bs and bs["goodput_per_gpu"] else math.nan
             rows.append(
-                f"| {r['workload']} | {r['gpus']} | {name} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
+                f"| {label(r)} | {r['gpus']} | {name} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
                 f"{100 * r['slo_attainment']:.1f}% | {r['goodput']:.2f} | {r['goodput_per_gpu']:.3f} | "
                 f"{r['gpu_hours']:.2f} | {rel:.2f}x | {r['flips']} | {r['starts']}/{r['stops']} | "
                 f"{r['failed']} | {r['wall_s']:.0f} |")
@@ -280,12 +304,12 @@ def sweep_table(results: list[dict]) -> str:
     rows = ["| workload | GPUs | prefill:decode | SLO attainment | goodput/GPU | TTFT p90 ms | TPOT p90 ms |",
             "|---|---:|---|---:|---:|---:|---:|"]
     for r in sorted((r for r in results if r["policy"] == "static"),
-                    key=lambda r: (r["workload"], r["gpus"], r["prefill"])):
+                    key=lambda r: (r["gpus"], _wl_order(label(r)), r["prefill"])):
         if not r.get("ok"):
-            rows.append(f"| {r['workload']} | {r['gpus']} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
+            rows.append(f"| {label(r)} | {r['gpus']} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
                         f"did not finish ({r.get('error', '?')[:60]}) | - | - | - |")
             continue
-        rows.append(f"| {r['workload']} | {r['gpus']} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
+        rows.append(f"| {label(r)} | {r['gpus']} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
                     f"{100 * r['slo_attainment']:.1f}% | {r['goodput_per_gpu']:.3f} | "
                     f"{r['ttft_p90_ms'] or 0:.0f} | {r['tpot_p90_ms'] or 0:.1f} |")
     return "\n".join(rows)
@@ -300,9 +324,9 @@ def plots(results: list[dict], img_dir: str) -> list[str]:
     groups: dict = {}
     for r in results:
         if r.get("ok"):
-            groups.setdefault((r["workload"], r["gpus"]), []).append(r)
+            groups.setdefault((label(r), r["gpus"]), []).append(r)
     # 1. bars: attainment and goodput/GPU per policy, per (workload, G)
-    keys = sorted(groups, key=lambda k: (k[1], list(WORKLOADS).index(k[0]) if k[0] in WORKLOADS else 99))
+    keys = sorted(groups, key=lambda k: (k[1], _wl_order(k[0])))
     pols = ["best static", "planner", "planner-scale", "dynamo"]
     colors = {"best static": "#888888", "planner": "#1f77b4", "planner-scale": "#2ca02c", "dynamo": "#d62728"}
     if keys:
@@ -353,7 +377,7 @@ def plots(results: list[dict], img_dir: str) -> list[str]:
         ax.set_title(f"{k[0]} @ {k[1]} GPUs: pool sizes")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        p = os.path.join(img_dir, f"planner_timeline_{k[0]}_{k[1]}.png")
+        p = os.path.join(img_dir, f"planner_timeline_{k[0].replace(' ', '_')}_{k[1]}.png")
         fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)
@@ -406,6 +430,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     for fn in a.files:
         with open(fn) as f:
             res += json.load(f)["results"]
+    res = dedupe(res)
     md = "## Results\n\n" + table(res) + "\n\n## Static sweep\n\n" + sweep_table(res) + "\n"
     ps = plots(res, a.img)
     if a.md:
