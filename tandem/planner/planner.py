@@ -135,15 +135,29 @@ class Planner:
                               drain_s=cfg.backlog_drain_s, kv_capacity_tokens=m["kv_capacity"],
                               max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)),
                               max_batch=cfg.max_num_seqs)
-        need_p = max(need.prefill, cfg.min_prefill)
-        need_d = max(need.decode, cfg.min_decode)
+        load_p, load_d = nonneg(need.prefill_load), nonneg(need.decode_load)
+        need_pf, need_dc = need.prefill, need.decode
+        # an empty prefill pool: the decode workers prefill locally (aggregated serving), when the
+        # prefill work is small enough for them to absorb (see _absorbable)
+        absorb = self._absorbable(need, demand, P, G)
+        m["aggregated"] = absorb
+        if absorb:
+            need_pf, load_p = 0, 0.0
+            load_d += nonneg(need.info.get("offered_workers")) / cfg.decode_util_max
+            need_dc = max(need_dc, math.ceil(load_d - 1e-9))
+        need_p = max(need_pf, cfg.min_prefill)
+        need_d = max(need_dc, cfg.min_decode)
         # the prefill queue is a leading signal: when what is queued cannot be prefilled within
         # the TTFT target by the current pool, the pool misses its SLO now (TTFT shows it later)
         cap_p = nonneg(need.info.get("prefill_cap_tps"))
-        drain = m["prefill_backlog"] / (P * cap_p) if P > 0 and cap_p > 0 else 0.0
+        n_pf = P if P > 0 else D          # no prefill pool: the decode workers prefill
+        drain = m["prefill_backlog"] / (n_pf * cap_p) if n_pf > 0 and cap_p > 0 else 0.0
         m["prefill_queue_s"] = drain
         if drain > cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac:
             m["prefill_pressure"] = True
+        if absorb and m["prefill_pressure"]:
+            # prefill runs on the decode workers (or could): a TTFT miss means they are too busy
+            m["prefill_pressure"], m["decode_pressure"] = False, True
         # measured SLO pressure: one more worker of need for the pool that misses its SLO, unless
         # that pool grew so recently that the measurement window cannot show it yet
         settle = m["window_s"] + self.profile.role_flip_s + cfg.tick_s
@@ -155,14 +169,23 @@ class Planner:
             need_p = P + 1
         if m["decode_pressure"] and need_d <= D:
             need_d = D + 1
-        load_p, load_d = nonneg(need.prefill_load), nonneg(need.decode_load)
+        # what the pools need now, before peak hold and donor memory: measured SLO misses
+        # (feedback) act on this evidence alone
+        m["need_now_p"], m["need_now_d"] = need_p, need_d
+        m["load_now_p"], m["load_now_d"] = load_p, load_d
         # peak hold: a pool keeps what it needed in the last peak_window_s, so that bursts
         # shorter than a flip round trip do not make workers chase them
         now_need = (need_p, need_d, load_p, load_d)
-        need_p, need_d, load_p, load_d = self._hold(now, now_need)
+        held = self._hold(now, now_need)
+        # the held peak protects a pool from shrinking below what it has; it never makes a pool
+        # grow (growing toward a finished burst is the chase the hold exists to prevent)
+        need_p, need_d = max(need_p, min(held[0], P)), max(need_d, min(held[1], D))
+        load_p, load_d = max(load_p, min(held[2], float(P))), max(load_d, min(held[3], float(D)))
         # donor memory: what each pool carried recently, decaying with donor_memory_s; a pool is
         # not emptied between two bursts of a periodic load
         m["memory_load_p"], m["memory_load_d"] = self._memory(now, now_need[2], now_need[3])
+        if absorb and m["memory_load_p"] * cfg.prefill_util_max <= cfg.aggregate_prefill_frac * G:
+            m["memory_load_p"] = 0.0      # the remembered prefill work could be absorbed as well
         idle = (m["arrivals"] == 0 and m["running"] == 0 and m["prefill_backlog"] <= 0
                 and m["completions"] == 0)
         if idle:
@@ -187,6 +210,7 @@ class Planner:
             "util": {"prefill": _r(load_p / P if P else (math.inf if load_p else 0.0)),
                      "decode": _r(load_d / D if D else (math.inf if load_d else 0.0))},
             "idle": idle,
+            "aggregated": absorb,
         }
         for k in ("prefill", "decode"):
             if inputs["util"][k] is None:
@@ -218,8 +242,12 @@ class Planner:
         if (regime != self._regime and regime in ("idle", "infeasible") and not decisions
                 and now - self._last_hold.get(regime, -math.inf) >= 60.0):
             self._last_hold[regime] = now
-            decisions.append(Decision(time=now, action="hold", reason=self._hold_reason(
-                regime, need_p, need_d, G), inputs=self._decision_inputs(inputs)))
+            why = self._hold_reason(regime, need_p, need_d, G)
+            if regime == "infeasible" and now_need[0] + now_need[1] <= G:
+                why += (f" (now {now_need[0]}P+{now_need[1]}D; the peak of the last "
+                        f"{cfg.peak_window_s:g}s is held)")
+            decisions.append(Decision(time=now, action="hold", reason=why,
+                                      inputs=self._decision_inputs(inputs)))
         self._regime = regime
         self.last_inputs = jsonable(inputs)
         for d in decisions:
@@ -295,6 +323,25 @@ class Planner:
         return max(need, math.ceil(load * (1 + cfg.hysteresis) - 1e-9),
                    math.ceil(max(load, memory) / wm - 1e-9))
 
+    def _absorbable(self, need: Any, demand: Demand, P: int, G: int) -> bool:
+        """Can the decode workers do all the prefill (an empty prefill pool, aggregated serving)?
+        Only with min_prefill 0, when the offered prefill work is at most `aggregate_prefill_frac`
+        of the G workers' time (less by the hysteresis while a prefill pool exists, so the choice
+        does not flap) and the p90 prompt's prefill (one chunk at most) added to a decode step at
+        the current batch keeps the step within the TPOT target."""
+        cfg = self.cfg
+        if cfg.min_prefill > 0 or G < max(cfg.min_decode, 1):
+            return False
+        frac = cfg.aggregate_prefill_frac * (1.0 if P == 0 else 1.0 - cfg.hysteresis)
+        if nonneg(need.info.get("offered_workers")) > frac * G:
+            return False
+        isl = max(self._isl_p90, nonneg(demand.isl))
+        chunk = min(isl, float(self.profile.chunk_tokens))
+        batch = max(1.0, nonneg(demand.decode_inflight) / G)
+        step = self.profile.decode_step_time(batch, max(nonneg(demand.context), 1.0))
+        tpot = cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac
+        return step + self.profile.prefill_time(chunk) <= tpot
+
     def _expire_pending(self, now: float, workers: list[WorkerView]) -> None:
         by_id = {str(w.worker_id): w for w in workers}
         timeout = max(10.0, 5.0 * self.profile.role_flip_s, 3 * self.cfg.tick_s)
@@ -368,6 +415,7 @@ class Planner:
         backlog = inflight = running = upcoming = 0.0
         kv_caps: list[int] = []
         kv_full = decode_queue = False
+        n_p = sum(1 for w in workers if w.in_service() and w.effective_role() == "prefill")
         for w in workers:
             if not w.in_service():
                 continue
@@ -380,18 +428,19 @@ class Planner:
                 upcoming += nrun + nwait      # prefilling now, decoding soon
             elif role == "decode":
                 inflight += nrun + nwait
-                backlog += 0.0
+                if n_p == 0:
+                    # no prefill pool: what the decode workers have queued is prefill work
+                    backlog += wait_tok
                 if w.state == "active":
                     if nonneg(w.kv_usage) > cfg.kv_util_max and nwait > 0:
                         kv_full = True
-                    if nwait > max(2.0, 0.1 * nrun):
+                    if nwait > max(2.0, 0.1 * nrun) and n_p > 0:
                         decode_queue = True
                 cap = int(nonneg(w.kv_capacity_tokens))
                 if cap > 0:
                     kv_caps.append(cap)
         # of the requests in the prefill stage, only those the prefill pool finishes within a
         # flip's horizon will occupy decode slots before a flip could add any
-        n_p = sum(1 for w in workers if w.in_service() and w.effective_role() == "prefill")
         isl_now = prompt / arrivals if arrivals else max(self._ctx - self._osl / 2.0, 1.0)
         horizon = 2.0 * (self.profile.role_flip_s + cfg.tick_s)
         flow = n_p * self.profile.prefill_capacity_tps(isl_now) * horizon / max(isl_now, 1.0)
@@ -531,14 +580,16 @@ class Planner:
                            f"{cur:.2f} -> {new:.2f}")
         if move == 0 and regime in ("ok", "infeasible"):
             # measured-SLO feedback: one flip toward the pool that misses its SLO
+            # (evidence beats prediction: the donor keeps what it needs now, not its held peak
+            # or its decaying memory, so a finished burst does not pin a worker for long)
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
-                    cfg.min_decode, math.ceil(need_d * (1 + h)),
-                    self._keep(need_d, y, m["memory_load_d"])):
+                    cfg.min_decode, math.ceil(m["need_now_d"] * (1 + h)),
+                    self._keep(m["need_now_d"], m["load_now_d"], 0.0)):
                 move, why = 1, (f"feedback: prefill misses SLO (TTFT p90 "
                                 f"{m['ttft_p90_ms']:.0f} ms) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
-                    cfg.min_prefill, math.ceil(need_p * (1 + h)),
-                    self._keep(need_p, x, m["memory_load_p"])):
+                    cfg.min_prefill, math.ceil(m["need_now_p"] * (1 + h)),
+                    self._keep(m["need_now_p"], m["load_now_p"], 0.0)):
                 move, why = -1, (f"feedback: decode misses SLO (TPOT p90 "
                                  f"{m['tpot_p90_ms']:.0f} ms) and prefill has slack")
         if move == 0:
@@ -677,7 +728,7 @@ class Planner:
     @staticmethod
     def _decision_inputs(inputs: dict) -> dict:
         keys = ("now", "measured", "pressure", "predicted", "need", "split", "util", "target",
-                "regime", "capacity")
+                "regime", "capacity", "aggregated")
         return jsonable({k: inputs[k] for k in keys if k in inputs})
 
     @staticmethod

@@ -211,8 +211,12 @@ class PlannerConfig:
     high_watermark: float = 0.8              # balance moves only when the bottleneck is above this
     max_flips_per_tick: int = 0              # 0: auto = max(1, round(flip_frac_per_tick x GPUs))
     flip_frac_per_tick: float = 0.05
-    min_prefill: int = 1
+    min_prefill: int = 1                     # 0: the prefill pool may empty (decode workers prefill)
     min_decode: int = 1
+    # an empty prefill pool (min_prefill 0) is planned only when the decode workers can absorb the
+    # prefill work: it takes at most this fraction of their time and the p90 prompt's prefill,
+    # mixed into a decode step, keeps that step within the TPOT target
+    aggregate_prefill_frac: float = 0.2
     # zero traffic
     idle_split: Optional[float] = None       # fraction of the budget as prefill when idle (None: keep)
     idle_after_s: float = 30.0
@@ -237,7 +241,7 @@ class PlannerConfig:
             if not finite(getattr(self, name), -1) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         for name in ("ttft_target_frac", "tpot_target_frac", "prefill_util_max", "decode_util_max",
-                     "kv_util_max", "high_watermark"):
+                     "kv_util_max", "high_watermark", "aggregate_prefill_frac"):
             v = finite(getattr(self, name), -1)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")

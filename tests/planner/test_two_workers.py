@@ -1,0 +1,119 @@
+"""Two workers (1P1D), the smallest disaggregated deployment: with `min_prefill=0` the prefill pool
+may empty (its worker decodes, the decode workers prefill locally) and come back, and measured SLO
+misses move a worker within a tick even while a finished burst is still held as a peak.
+
+Profile: SYNTHETIC (tandem.planner.synthetic), as in test_planner.py.
+"""
+import json
+
+import pytest
+
+from tandem.planner import ClassStats, ClusterView, Planner, PlannerConfig, PerfProfile, WorkerView
+from tandem.planner.synthetic import synthetic_profile
+from tests.planner.toy import ToyCluster, run
+
+
+@pytest.fixture(scope="module")
+def prof():
+    return PerfProfile.from_dict(synthetic_profile())
+
+
+def cfg(**kw):
+    base = dict(slo_ttft_ms=1000, slo_tpot_ms=50, min_dwell_s=5, cooldown_s=2, reverse_cooldown_s=6,
+                min_prefill=0)
+    base.update(kw)
+    return PlannerConfig(**base)
+
+
+SUMM = (3000, 100, "summarize")
+CHAT = (200, 800, "chat")
+
+
+def test_two_worker_swing_empties_the_prefill_pool_and_restores_it(prof):
+    c = ToyCluster(prof, 1, 1)
+    pl = Planner(cfg(), prof)
+    rec = []
+    ds = run(c, pl, [(40, 2, *SUMM), (60, 20, *CHAT), (40, 2, *SUMM)], rec)
+    flips = [d for d in ds if d.action == "flip"]
+    split = {t: (p, d) for t, p, d in rec}
+    assert split[40.0] == (1, 1)                        # summarization: a prefill worker is needed
+    to_d = [d for d in flips if d.to_role == "decode"]
+    to_p = [d for d in flips if d.to_role == "prefill"]
+    assert to_d and 40 < to_d[0].time <= 75, [str(d) for d in flips]
+    assert split[100.0] == (0, 2)                       # chat: both workers decode
+    # summarization again: the prefill pool is back within a few seconds of the swing
+    assert to_p and 100 < to_p[0].time <= 105, [str(d) for d in flips]
+    assert split[140.0] == (1, 1)
+    assert len(flips) == 2                              # and no flapping
+    assert c.errors == 0
+    for d in flips:
+        assert d.reason
+        json.dumps(d.to_dict(), allow_nan=False)
+
+
+def test_min_prefill_one_keeps_a_prefill_worker(prof):
+    c = ToyCluster(prof, 1, 1)
+    pl = Planner(cfg(min_prefill=1), prof)
+    rec = []
+    ds = run(c, pl, [(20, 2, *SUMM), (60, 20, *CHAT)], rec)
+    assert not [d for d in ds if d.action == "flip"]
+    assert all(p == 1 for _, p, _ in rec)
+
+
+def view(now, workers, classes, window_s=2.0):
+    return ClusterView(now=now, workers=workers, window_s=window_s, classes=classes)
+
+
+def test_measured_decode_miss_flips_prefill_to_decode_despite_the_held_peak(prof):
+    """A summarization burst just ended (its need is held for peak_window_s and remembered for
+    donor_memory_s), chat dominates and misses its TPOT SLO: the prefill worker goes to decode in
+    the next tick after its dwell, not after the hold."""
+    pl = Planner(cfg(peak_window_s=10, donor_memory_s=30, min_dwell_s=1), prof)
+    summ = {"summarize": ClassStats(arrivals=6, prompt_tokens=6 * 3000, completions=6,
+                                    output_tokens=6 * 100)}
+    chat = {"chat": ClassStats(arrivals=40, prompt_tokens=40 * 200, completions=30,
+                               output_tokens=30 * 800, generated_tokens=16000, tpot_p90_ms=80.0,
+                               ttft_p90_ms=300.0)}
+    ws = [WorkerView("p0", "prefill", waiting_prefill_tokens=9000, num_waiting=3, num_running=1),
+          WorkerView("d0", "decode", num_running=20, kv_usage=0.1)]
+    for t in range(5):
+        assert not [d for d in pl.tick(view(100.0 + t, ws, summ)) if d.action == "flip"]
+    ws = [WorkerView("p0", "prefill"), WorkerView("d0", "decode", num_running=180, kv_usage=0.4)]
+    flips = []
+    for t in range(6):      # the predictor forgets the burst's prompt tokens within a few ticks
+        flips = [d for d in pl.tick(view(106.0 + t, ws, chat)) if d.action == "flip"]
+        if flips:
+            break
+    assert [(d.worker_id, d.to_role) for d in flips] == [("p0", "decode")], pl.last_inputs["move"]
+    assert flips[0].time <= 111.0 < 104.0 + 10          # before the 10 s hold ends
+    assert "feedback" in flips[0].reason or "rescue" in flips[0].reason
+    assert pl.last_inputs["need"]["prefill"] >= 1      # the held peak is still there
+
+
+def test_empty_prefill_pool_comes_back_under_long_prompts(prof):
+    """0P2D: long prompts queue on the decode workers (local prefill) and TTFT misses its SLO. The
+    queue is prefill work, not decode pressure: a decode worker flips to prefill."""
+    pl = Planner(cfg(min_dwell_s=1), prof)
+    summ = {"summarize": ClassStats(arrivals=8, prompt_tokens=8 * 3000, completions=2,
+                                    output_tokens=2 * 100, ttft_p90_ms=2500.0)}
+    ws = [WorkerView("d0", "decode", num_running=4, num_waiting=6, waiting_prefill_tokens=18000),
+          WorkerView("d1", "decode", num_running=3, num_waiting=5, waiting_prefill_tokens=15000)]
+    ds = pl.tick(view(50.0, ws, summ))
+    flips = [d for d in ds if d.action == "flip"]
+    assert len(flips) == 1 and flips[0].to_role == "prefill", pl.last_inputs["move"]
+    assert flips[0].worker_id == "d1"                  # the one with less to migrate
+    assert pl.last_inputs["pressure"] == {"prefill": True, "decode": False}
+    assert pl.last_inputs["measured"]["prefill_backlog"] == 33000
+
+
+def test_prefill_pool_empties_only_when_decode_can_absorb_it(prof):
+    """Long prompts would stall decode steps beyond the TPOT target: no empty prefill pool, even
+    when the decode pool is short."""
+    pl = Planner(cfg(min_dwell_s=1, peak_window_s=0, donor_memory_s=0), prof)
+    mixed = {"mixed": ClassStats(arrivals=10, prompt_tokens=10 * 8000, completions=10,
+                                 output_tokens=10 * 800, generated_tokens=12000)}
+    ws = [WorkerView("p0", "prefill"), WorkerView("d0", "decode", num_running=150, kv_usage=0.3)]
+    for t in range(4):
+        ds = pl.tick(view(10.0 + t, ws, mixed))
+        assert not [d for d in ds if d.action == "flip"], [str(d) for d in ds]
+    assert pl.last_inputs["measured"]["need_now_p"] >= 1
