@@ -103,7 +103,9 @@ class SimEngineConfig:
     max_model_len: int | None = None          # None: the profile's, else 131072
     enable_prefix_caching: bool = True
     aging_s: float = 30.0
-    step_overhead_s: float = 0.0              # added to every step (calibration)
+    step_overhead_s: float = 0.0              # host time added to every step (serving path)
+    seq_overhead_s: float = 0.0               # host time per sequence in a step (outputs, messages)
+    new_overhead_s: float = 0.0               # host time per request in its first step (admission)
     fast_forward: bool = True
     model: str = "sim"
 
@@ -159,6 +161,8 @@ class SimEngine:
         self._stats = EngineStats(kv_blocks_total=cfg.num_kv_blocks)
         self._pending: list[RequestOutput] = []
         self._ovh = cfg.step_overhead_s
+        self._ovh_seq = cfg.seq_overhead_s
+        self._ovh_new = cfg.new_overhead_s
         self._ff = cfg.fast_forward
         self._ff_limit = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.busy_s = 0.0                      # virtual seconds spent in steps
@@ -313,7 +317,7 @@ class SimEngine:
             self._batch = None
             return None
         b = ctx = pf = 0
-        extra = 0.0
+        extra = extra_h = 0.0
         prof = self.profile
         for req, n in zip(batch.reqs, batch.num_new_tokens):
             if n == 1:
@@ -325,7 +329,8 @@ class SimEngine:
                     extra += prof.ctx_extra(req.num_computed_tokens, n)
             if req.t_sched is None:
                 req.t_sched = now
-        dur = prof.step_time(b, ctx, pf, extra) + self._ovh
+                extra_h += self._ovh_new
+        dur = prof.step_time(b, ctx, pf, extra) + self._ovh + self._ovh_seq * len(batch.reqs) + extra_h
         self._batch = batch
         self._step_start = now
         self._step_dur = dur
@@ -605,7 +610,7 @@ class SimEngine:
             sch.max_num_seqs, sch.max_num_batched_tokens = S, B
         b, ctx = nd, w.base + j * nd
         pf = 0
-        extra = 0.0
+        extra = extra_h = 0.0
         prof = self.profile
         for req, n in zip(batch.reqs, batch.num_new_tokens):
             if n == 1:
@@ -617,11 +622,12 @@ class SimEngine:
                     extra += prof.ctx_extra(req.num_computed_tokens, n)
             if req.t_sched is None:
                 req.t_sched = now
+                extra_h += self._ovh_new
         if b == 0 and pf == 0:
             if nd == 0:
                 self._win = None
             return False
-        dur = prof.step_time(b, ctx, pf, extra) + self._ovh
+        dur = prof.step_time(b, ctx, pf, extra) + self._ovh + self._ovh_seq * (nd + len(batch.reqs)) + extra_h
         self._batch = batch if batch else None
         self._dstep = nd > 0
         self._step_start = now
@@ -636,7 +642,7 @@ class SimEngine:
         """Plan the next steps of D alone (V empty): their end times, up to `w.chunk` steps, the next
         finish, or the step whose KV blocks would not be available. False if none fits."""
         bs = self.block_size
-        ovh = self._ovh
+        ovh = self._ovh + self._ovh_seq * w.b       # b is fixed while D runs alone
         ends = w.ends
         fin = w.fin
         j = w.k

@@ -112,8 +112,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--transfer-latency-ms", type=_nonneg(float), default=1.0, help="fixed cost per KV transfer")
     g.add_argument("--local-prefill-tokens", type=_nonneg(int), default=0,
                    help="disaggregated: prompts with at most this many uncached tokens prefill on the decode worker")
-    g.add_argument("--request-overhead-ms", type=_nonneg(float), default=0.0,
-                   help="frontend + network time before the router sees a request (calibration)")
+    g.add_argument("--request-overhead-ms", type=_nonneg(float), default=None,
+                   help="frontend + network time before the router sees a request "
+                        "(default: the profile's serving_overhead.request_s, else 0)")
 
     g = p.add_argument_group("engine")
     g.add_argument("--block-size", type=_positive(int), default=None, help="default: the profile's")
@@ -131,8 +132,15 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--role-flip-s", type=_nonneg(float), default=None, help="override the profile's role_flip_s")
     g.add_argument("--worker-start-s", type=_nonneg(float), default=None,
                    help="override the profile's worker_start_s")
-    g.add_argument("--step-overhead-ms", type=_nonneg(float), default=0.0,
-                   help="added to every engine step (calibration against a real run)")
+    g.add_argument("--step-overhead-ms", type=_nonneg(float), default=None,
+                   help="serving host time added to every engine step "
+                        "(default: the profile's serving_overhead.step_s, else 0)")
+    g.add_argument("--seq-overhead-ms", type=_nonneg(float), default=None,
+                   help="serving host time per sequence in a step "
+                        "(default: the profile's serving_overhead.seq_s, else 0)")
+    g.add_argument("--new-overhead-ms", type=_nonneg(float), default=None,
+                   help="serving host time per request in its first engine step "
+                        "(default: the profile's serving_overhead.new_s, else 0)")
     g.add_argument("--no-fast-forward", action="store_true",
                    help="call the scheduler every step (slower; same results)")
 

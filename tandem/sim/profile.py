@@ -8,7 +8,8 @@ Schema (written by `tandem profile`; see docs/sim.md)::
      "prefill_ctx": {"cached_tokens": [...], "new_tokens": int, "time_s": [...]},
      "decode":      {"batch": [...], "context": [...], "time_s": [[per context] per batch]},
      "weight_load_s", "worker_start_s", "role_flip_s", "kv_bytes_per_token",
-     "copy_bandwidth_gbps", "matmul_tflops"}
+     "copy_bandwidth_gbps", "matmul_tflops",
+     "serving_overhead": {"step_s", "seq_s", "new_s", "request_s", "source"}}     # optional, see ServingOverhead
 
 `copy_bandwidth_gbps` is in GB/s (1e9 bytes/s), as the planner reads it.
 
@@ -31,8 +32,10 @@ same formulas as `tandem.profile.schema.Profile.mixed_step_time`:
 * sum:    P(N) + X + D(b, c)                                 (no overlap; an upper bound)
 * max:    max(P(N) + X, D(b, c))                             (perfect overlap; a lower bound)
 
-Pure batches reproduce the profile exactly. The engine adds a fixed `step_overhead_s` (calibration
-knob, default 0) to every step.
+Pure batches reproduce the profile exactly. The simulated engine adds the serving path's host time
+(optional ``serving_overhead`` section, `ServingOverhead`; old profiles read as 0): a per step plus s
+per sequence in the step plus n per request scheduled for the first time: a step of b sequences, k of
+them new, takes T(profile) + a + s * b + n * k.
 
 Torch-free. `synthetic_profile()` builds a roofline profile labelled synthetic (tests, what-ifs).
 """
@@ -41,6 +44,7 @@ from __future__ import annotations
 import bisect
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 
@@ -102,6 +106,43 @@ class Curve:
         return self.ys[i] + self.slopes[i] * (x - self.xs[i])
 
 
+@dataclass(frozen=True)
+class ServingOverhead:
+    """Host time of the serving path that an isolated engine step (what the profile's curves time)
+    does not contain: per step (worker loop, output message), per sequence in a step (its delta:
+    built, encoded, streamed), per request in its first step (admission: request state, prefill
+    inputs) and per request outside the worker (HTTP in/out, routing: `request_s`, before the router). Profiles without the
+    ``serving_overhead`` section read as zeros (pure engine). `python -m tandem.sim.calibrate` measures
+    the step terms from a real run's token timeline and writes them here."""
+    step_s: float = 0.0
+    seq_s: float = 0.0
+    new_s: float = 0.0
+    request_s: float = 0.0
+    source: str = ""
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "ServingOverhead":
+        if d is None:
+            return cls()
+        if not isinstance(d, dict):
+            raise ProfileError("profile field serving_overhead must be an object")
+        vals = {}
+        for k in ("step_s", "seq_s", "new_s", "request_s"):
+            v = d.get(k, 0.0)
+            try:
+                v = float(v if v is not None else 0.0)
+            except (TypeError, ValueError):
+                raise ProfileError(f"profile field serving_overhead.{k} must be a number") from None
+            if not (math.isfinite(v) and v >= 0):
+                raise ProfileError(f"profile field serving_overhead.{k} must be finite and >= 0")
+            vals[k] = v
+        return cls(source=str(d.get("source") or ""), **vals)
+
+    def to_dict(self) -> dict:
+        return {"step_s": self.step_s, "seq_s": self.seq_s, "new_s": self.new_s, "request_s": self.request_s,
+                "source": self.source}
+
+
 class SimProfile:
     """A perf profile with the simulator's step-time model (see the module docstring)."""
 
@@ -161,6 +202,7 @@ class SimProfile:
         self.role_flip_s = num("role_flip_s")        # null in a profile: not measured -> 0 (override: --role-flip-s)
         self.kv_bytes_per_token = num("kv_bytes_per_token")
         self.copy_bandwidth_gbps = num("copy_bandwidth_gbps")
+        self.serving = ServingOverhead.from_dict(d.get("serving_overhead"))
 
     # ------------------------------------------------------------------ loading
     @classmethod

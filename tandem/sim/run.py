@@ -164,6 +164,20 @@ def token_times_mode(spec: str, reqs: list) -> str:
     raise SimInputError(f"--token-times must be auto, all, none or every:K, got {spec!r}")
 
 
+def resolve_overheads(args, profile: SimProfile) -> dict:
+    """Serving overheads in ms: a flag given on the command line wins, else the profile's
+    ``serving_overhead`` (zeros in a profile without it). `from` says which source each came from."""
+    sv = profile.serving
+    out, src = {}, {}
+    for key, flag, prof_s in (("step_ms", "step_overhead_ms", sv.step_s), ("seq_ms", "seq_overhead_ms", sv.seq_s),
+                              ("new_ms", "new_overhead_ms", sv.new_s),
+                              ("request_ms", "request_overhead_ms", sv.request_s)):
+        v = getattr(args, flag, None)
+        out[key], src[key] = (float(v), "flag") if v is not None else (prof_s * 1e3, "profile")
+    out["from"] = src
+    return out
+
+
 def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster]:
     """Run the simulation for planned requests; returns (report, cluster)."""
     from tandem.bench.cli import _parse_slos, _shape
@@ -175,6 +189,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         profile.role_flip_s = args.role_flip_s
     if getattr(args, "worker_start_s", None) is not None:
         profile.worker_start_s = args.worker_start_s
+    ovh = resolve_overheads(args, profile)
     roles = roles_from_args(args)
     caching = args.prefix_caching
     if caching == "auto":
@@ -184,13 +199,14 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         block_size=bs, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=(caching == "on"), aging_s=args.aging_s,
-        step_overhead_s=args.step_overhead_ms / 1e3, fast_forward=not args.no_fast_forward)
+        step_overhead_s=ovh["step_ms"] / 1e3,
+        seq_overhead_s=ovh["seq_ms"] / 1e3, new_overhead_s=ovh["new_ms"] / 1e3, fast_forward=not args.no_fast_forward)
     tt = token_times_mode(args.token_times, reqs)
     ccfg = ClusterConfig(
         roles=roles, router_mode=args.router_mode, publish_interval_s=args.publish_interval,
         planner_tick_s=args.planner_tick, planner_window_s=args.planner_window,
         transfer_gbps=args.transfer_gbps, transfer_latency_s=args.transfer_latency_ms / 1e3,
-        local_prefill_tokens=args.local_prefill_tokens, request_overhead_s=args.request_overhead_ms / 1e3,
+        local_prefill_tokens=args.local_prefill_tokens, request_overhead_s=ovh["request_ms"] / 1e3,
         max_concurrency=getattr(args, "max_concurrency", None),
         token_times=tt, seed=args.seed, engine=ecfg,
         router_impl=getattr(args, "router_impl", "indexed"))
@@ -256,13 +272,15 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
                        "max_num_seqs": ecfg.max_num_seqs,
                        "max_num_batched_tokens": ecfg.max_num_batched_tokens,
                        "max_model_len": ecfg.max_model_len, "prefix_caching": caching == "on",
-                       "aging_s": ecfg.aging_s, "step_overhead_ms": args.step_overhead_ms,
+                       "aging_s": ecfg.aging_s, "step_overhead_ms": ovh["step_ms"],
+                       "seq_overhead_ms": ovh["seq_ms"], "new_overhead_ms": ovh["new_ms"],
                        "fast_forward": ecfg.fast_forward},
             "publish_interval_s": args.publish_interval,
             "transfer_gbps": args.transfer_gbps if args.transfer_gbps is not None else profile.copy_bandwidth_gbps,
             "transfer_latency_ms": args.transfer_latency_ms,
             "local_prefill_tokens": args.local_prefill_tokens,
-            "request_overhead_ms": args.request_overhead_ms,
+            "request_overhead_ms": ovh["request_ms"],
+            "overheads_from": ovh["from"],
             "token_times": tt,
             "virtual_s": round(virtual, 6),
             "speedup": round(virtual / wall, 2) if wall > 0 else None,

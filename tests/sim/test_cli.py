@@ -111,7 +111,32 @@ def test_a_bench_command_line_runs_as_is(profile_path, tmp_path):
 
 
 def test_calibration_recovers_known_overheads(profile_path, tmp_path):
-    """A 'real' report made by the simulator with known overheads: the calibrator finds them again."""
+    """A 'real' report made by the simulator with known serving overheads: the step-timeline method
+    measures all four again, and the profile it writes reproduces the run with no flags."""
+    from tandem.sim.calibrate import main as cal
+    real = tmp_path / "real.json"
+    load = ["--workload", "chat", "--rate", "3", "--duration", "30", "--seed", "2", "--gpus", "1",
+            "--profile", profile_path]
+    assert main([*load, "--step-overhead-ms", "1.5", "--seq-overhead-ms", "0.2", "--new-overhead-ms", "3",
+                 "--request-overhead-ms", "4", "--out", str(real), "--quiet"]) == 0
+    out, prof = tmp_path / "cal.json", tmp_path / "prof.json"
+    assert cal(["--real", str(real), *load, "--out", str(out), "--write-profile", str(prof)]) == 0
+    fit = json.loads(out.read_text())["config"]["sim"]["calibration"]["fit"]
+    assert fit["step_s"] == pytest.approx(1.5e-3, rel=0.05)
+    assert fit["seq_s"] == pytest.approx(0.2e-3, rel=0.05)
+    assert fit["new_s"] == pytest.approx(3e-3, rel=0.05)
+    assert fit["request_s"] == pytest.approx(4e-3, rel=0.05)
+    again = tmp_path / "again.json"
+    load[-1] = str(prof)
+    assert main([*load, "--out", str(again), "--quiet"]) == 0
+    a, b = (json.loads(p.read_text())["summary"]["overall"] for p in (real, again))
+    for k in ("ttft_ms", "tpot_ms"):
+        assert b[k]["p90"] == pytest.approx(a[k]["p90"], rel=0.02)
+    assert json.loads(again.read_text())["config"]["sim"]["overheads_from"]["seq_ms"] == "profile"
+
+
+def test_calibration_p50_method(profile_path, tmp_path):
+    """The earlier method (constant step overhead, medians matched) still runs."""
     from tandem.sim.calibrate import main as cal
     real = tmp_path / "real.json"
     load = ["--workload", "chat", "--rate", "3", "--duration", "30", "--seed", "2", "--gpus", "1",
@@ -119,7 +144,7 @@ def test_calibration_recovers_known_overheads(profile_path, tmp_path):
     assert main([*load, "--step-overhead-ms", "3", "--request-overhead-ms", "4", "--out", str(real),
                  "--quiet"]) == 0
     out = tmp_path / "cal.json"
-    assert cal(["--real", str(real), *load, "--out", str(out)]) == 0
+    assert cal(["--real", str(real), "--method", "p50", *load, "--out", str(out)]) == 0
     hist = json.loads(out.read_text())["config"]["sim"]["calibration"]["history"]
     last = hist[-1]
     assert last["step_overhead_ms"] == pytest.approx(3.0, abs=0.4)

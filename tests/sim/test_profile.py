@@ -123,3 +123,22 @@ def test_engine_chunked_prefill_uses_cached_context_cost(profile_dict):
         times.append(e.now - t0)
     assert times == pytest.approx([p.prefill_time(256), p.prefill_time(256, 256), p.prefill_time(88, 512)])
     assert e.busy_s == pytest.approx(sum(times))
+
+
+def test_serving_overhead_section(profile_dict):
+    """Old profiles read as zero overheads; the section is validated; flags win over it."""
+    import argparse
+
+    from tandem.sim.run import resolve_overheads
+    assert SimProfile(profile_dict).serving.step_s == 0.0 and SimProfile(profile_dict).serving.new_s == 0.0
+    d = dict(profile_dict, serving_overhead={"step_s": 0.0005, "seq_s": 6e-5, "new_s": 0.0027, "request_s": 0.002,
+                                             "source": "test"})
+    p = SimProfile(d)
+    assert (p.serving.step_s, p.serving.seq_s, p.serving.new_s, p.serving.request_s) == (0.0005, 6e-5, 0.0027, 0.002)
+    args = argparse.Namespace(step_overhead_ms=None, seq_overhead_ms=0.1, new_overhead_ms=None, request_overhead_ms=None)
+    got = resolve_overheads(args, p)
+    assert got["step_ms"] == pytest.approx(0.5) and got["seq_ms"] == 0.1 and got["request_ms"] == pytest.approx(2.0)
+    assert got["from"]["seq_ms"] == "flag" and got["from"]["step_ms"] == "profile"
+    for bad in ({"step_s": -1}, {"seq_s": "x"}, [1, 2]):
+        with pytest.raises(ProfileError, match="serving_overhead"):
+            SimProfile(dict(profile_dict, serving_overhead=bad))

@@ -151,3 +151,29 @@ def test_fast_forward_equals_per_step(profile_dict, seed, flags):
         assert a["timeline"] == b["timeline"]
         assert a["config"]["sim"]["preemptions"] == b["config"]["sim"]["preemptions"]
         assert ca.router.decisions == cb.router.decisions
+
+
+def test_serving_overheads_add_to_each_step(profile_dict):
+    """step = T_profile + a + s*n_seqs + n*n_new: one new request alone, then its decode steps."""
+    base, e = _engine(profile_dict), _engine(profile_dict, step_overhead_s=0.001, seq_overhead_s=0.0002,
+                                                new_overhead_s=0.003)
+    for x in (base, e):
+        x.add_request("a", 100, SamplingParams(max_tokens=4))
+        x.add_request("b", 50, SamplingParams(max_tokens=4))
+        x.step()
+    assert e.now - base.now == pytest.approx(0.001 + 2 * 0.0002 + 2 * 0.003)
+    t0, t1 = base.now, e.now
+    base.step(), e.step()
+    assert (e.now - t1) - (base.now - t0) == pytest.approx(0.001 + 2 * 0.0002)
+
+
+def test_fast_forward_equals_per_step_with_overheads(profile_dict):
+    """The per-sequence and per-new-request terms keep decode windows exact."""
+    specs = random_reqs(120, seed=5, rate=60.0, osl=(1, 200))
+    ovh = ("--step-overhead-ms", "0.5", "--seq-overhead-ms", "0.07", "--new-overhead-ms", "2")
+    a, _ = run(profile_dict, specs, "--gpus", "1", *ovh)
+    b, _ = run(profile_dict, specs, "--gpus", "1", "--no-fast-forward", *ovh)
+    c, _ = run(profile_dict, specs, "--gpus", "1")
+    assert a["config"]["sim"]["window_steps"] > 0
+    assert a["requests"] == b["requests"] and a["summary"] == b["summary"]
+    assert a["summary"]["overall"]["tpot_ms"]["p50"] > c["summary"]["overall"]["tpot_ms"]["p50"]
