@@ -3,31 +3,49 @@ hashes, and LRU reuse of free cached blocks. Pure Python (no torch): the tensors
 
 A block is in exactly one of three states: in use (ref_cnt > 0), free-and-cached (ref_cnt == 0, has a
 hash, revivable by a prefix hit until evicted), free-and-empty. Free blocks sit in one LRU queue;
-allocation takes the oldest, evicting its hash if it had one.
+allocation takes the oldest, evicting its hash if it had one. Blocks are array entries, not objects
+(the simulator holds a pool per simulated GPU: 1,000 pools of 26k blocks).
 """
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
 
 from tandem.common.hashing import ROOT_HASH, hash_block
 
 
-@dataclass(slots=True)
 class Block:
-    block_id: int
-    ref_cnt: int = 0
-    block_hash: int | None = None
+    """A read-only snapshot of one block's state (`BlockPool.blocks`); the pool itself keeps arrays."""
+    __slots__ = ("block_id", "ref_cnt", "block_hash")
+
+    def __init__(self, block_id: int, ref_cnt: int = 0, block_hash: int | None = None):
+        self.block_id = block_id
+        self.ref_cnt = ref_cnt
+        self.block_hash = block_hash
+
+    def __repr__(self) -> str:
+        return f"Block({self.block_id}, ref_cnt={self.ref_cnt}, block_hash={self.block_hash})"
 
 
 class BlockPool:
+    """Array-backed: a ref-count list and a dict of hashed blocks, no object per block, so that a
+    pool of 100k blocks costs a few hundred KB and allocate/release of n blocks are list slices plus
+    one loop. The free queue (allocation takes its front) is kept in three parts, in queue order:
+    `_stack` (blocks released without a hash, which go to the front: its top is the front),
+    `_fresh..num_blocks` (never allocated, in id order), `_lru` (blocks released with a hash, oldest
+    first). That is exactly the order of a single LRU queue where hashless releases go to the front
+    and hashed ones to the back, since fresh blocks only leave from the front of their run."""
+
     def __init__(self, num_blocks: int, enable_prefix_caching: bool = True):
         if num_blocks < 1:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self.blocks = [Block(i) for i in range(num_blocks)]
-        self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._ref = [0] * num_blocks
+        self._hash: dict[int, int] = {}             # block id -> its hash (blocks holding one)
+        self._stack: list[int] = []
+        self._fresh = 0
+        self._lru: OrderedDict[int, None] = OrderedDict()
+        self._nfree = num_blocks
         self.cached: dict[int, int] = {}            # block hash -> block id
         self.events_stored: list[int] = []
         self.events_removed: list[int] = []
@@ -35,23 +53,36 @@ class BlockPool:
     # -- queries
     @property
     def num_free(self) -> int:
-        return len(self.free)
+        return self._nfree
 
     @property
     def num_used(self) -> int:
-        return self.num_blocks - len(self.free)
+        return self.num_blocks - self._nfree
 
     @property
     def num_cached_free(self) -> int:
-        return sum(1 for b in self.free if self.blocks[b].block_hash is not None)
+        h = self._hash
+        return sum(1 for b in self._lru if b in h) if h else 0
+
+    @property
+    def free(self) -> list[int]:
+        """Free block ids in allocation order (a copy; for tests and introspection)."""
+        return self._stack[::-1] + list(range(self._fresh, self.num_blocks)) + list(self._lru)
+
+    @property
+    def blocks(self) -> list[Block]:
+        """A snapshot of every block's state (for tests and introspection)."""
+        h = self._hash
+        return [Block(i, r, h.get(i)) for i, r in enumerate(self._ref)]
 
     def lookup(self, hashes: list[int]) -> list[int]:
         """Block ids of the longest cached prefix of `hashes` (not yet referenced)."""
         out = []
         if not self.enable_prefix_caching:
             return out
+        cached = self.cached
         for h in hashes:
-            b = self.cached.get(h)
+            b = cached.get(h)
             if b is None:
                 break
             out.append(b)
@@ -59,54 +90,83 @@ class BlockPool:
 
     # -- mutations
     def allocate(self, n: int) -> list[int]:
-        if n > len(self.free):
-            raise MemoryError(f"need {n} KV blocks, {len(self.free)} free")
-        out = []
-        for _ in range(n):
-            bid, _ = self.free.popitem(last=False)
-            blk = self.blocks[bid]
-            if blk.block_hash is not None:
-                self._uncache(blk)
-            blk.ref_cnt = 1
-            out.append(bid)
+        if n > self._nfree:
+            raise MemoryError(f"need {n} KV blocks, {self._nfree} free")
+        if n <= 0:
+            return []
+        self._nfree -= n
+        st = self._stack
+        k = len(st)
+        if n <= k:
+            out = st[k - n:]
+            del st[k - n:]
+            out.reverse()
+        else:
+            out = st[::-1]
+            st.clear()
+            m = n - k
+            f = self._fresh
+            nf = min(m, self.num_blocks - f)
+            if nf:
+                out.extend(range(f, f + nf))
+                self._fresh = f + nf
+                m -= nf
+            if m:                                   # the oldest free cached blocks: evict
+                lru, hs = self._lru, self._hash
+                for _ in range(m):
+                    bid, _ = lru.popitem(last=False)
+                    if bid in hs:
+                        self._uncache(bid)
+                    out.append(bid)
+        ref = self._ref
+        for bid in out:
+            ref[bid] = 1
         return out
 
     def touch(self, block_ids: list[int]) -> None:
         """Take a reference on blocks found by `lookup` (reviving free cached ones)."""
+        ref = self._ref
         for bid in block_ids:
-            blk = self.blocks[bid]
-            if blk.ref_cnt == 0:
-                del self.free[bid]
-            blk.ref_cnt += 1
+            r = ref[bid]
+            if r == 0:
+                del self._lru[bid]                  # a free block with a hash is always in _lru
+                self._nfree -= 1
+            ref[bid] = r + 1
 
     def release(self, block_ids: list[int]) -> None:
         """Drop one reference from each block. Pass a request's table tail-first, so its last blocks
         (least likely to be shared) are evicted first; blocks without a hash go to the front."""
+        ref, hs, push = self._ref, self._hash, self._stack.append
+        freed = 0
         for bid in block_ids:
-            blk = self.blocks[bid]
-            assert blk.ref_cnt > 0, f"double free of block {bid}"
-            blk.ref_cnt -= 1
-            if blk.ref_cnt == 0:
-                self.free[bid] = None
-                if blk.block_hash is None:
-                    self.free.move_to_end(bid, last=False)
+            r = ref[bid] - 1
+            if r < 0:
+                raise AssertionError(f"double free of block {bid}")
+            ref[bid] = r
+            if r == 0:
+                freed += 1
+                if bid in hs:
+                    self._lru[bid] = None
+                else:
+                    push(bid)
+        self._nfree += freed
 
     def cache(self, block_id: int, block_hash: int) -> None:
-        """Publish a full, computed block under its chained hash (first writer wins)."""
-        if not self.enable_prefix_caching:
+        """Publish a full, computed block under its chained hash (first writer wins). Only blocks in
+        use are computed, so a free block is never published."""
+        if not self.enable_prefix_caching or self._ref[block_id] == 0:
             return
-        blk = self.blocks[block_id]
-        if blk.block_hash is not None or block_hash in self.cached:
+        if block_id in self._hash or block_hash in self.cached:
             return
-        blk.block_hash = block_hash
+        self._hash[block_id] = block_hash
         self.cached[block_hash] = block_id
         self.events_stored.append(block_hash)
 
-    def _uncache(self, blk: Block) -> None:
-        if self.cached.get(blk.block_hash) == blk.block_id:
-            del self.cached[blk.block_hash]
-            self.events_removed.append(blk.block_hash)
-        blk.block_hash = None
+    def _uncache(self, block_id: int) -> None:
+        h = self._hash.pop(block_id)
+        if self.cached.get(h) == block_id:
+            del self.cached[h]
+            self.events_removed.append(h)
 
     def drain_events(self) -> tuple[list[int], list[int]]:
         s, r = self.events_stored, self.events_removed
@@ -114,9 +174,9 @@ class BlockPool:
         return s, r
 
     def reset_prefix_cache(self) -> None:
-        for bid in list(self.free):
-            if self.blocks[bid].block_hash is not None:
-                self._uncache(self.blocks[bid])
+        for bid in list(self._lru):
+            if bid in self._hash:
+                self._uncache(bid)
 
 
 class KVCacheManager:
