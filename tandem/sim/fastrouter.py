@@ -18,6 +18,9 @@ nearly full KV cache only when all are; ties by least recently picked, then id) 
 integers and compare with a tolerance below 1 (the defaults: weights 1.0, tie_tolerance 0.5,
 temperature 0). Otherwise, and for round-robin / least-loaded, it calls the base class.
 
+Without the index (`index=False`: no request shares a block) the `cached` dicts stay empty: no
+decision reads them then.
+
 Index scope: hashes >= `unique_from` (the simulator's per-request blocks, which no other request can
 match) are not indexed; a request whose first block is such a hash has no overlap anywhere.
 """
@@ -28,7 +31,7 @@ import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
-from tandem.router.kv_router import KvRouter, NoWorkers, RouterConfig, WorkerView, pool_roles
+from tandem.router.kv_router import KvRouter, NoWorkers, RouterConfig, WorkerView, _Active, pool_roles
 
 _POOLS_OF = {"both": ("both", "prefill", "decode"), "prefill": ("prefill",), "decode": ("decode",)}
 
@@ -115,6 +118,9 @@ class IndexedKvRouter(KvRouter):
         wt = self.config.weights
         self._fast = (self.config.mode == "kv" and wt.temperature <= 0 and 0 <= wt.tie_tolerance < 1
                       and float(wt.overlap_weight).is_integer() and float(wt.decode_weight).is_integer())
+        # Without the index every prompt block is unique to its request, and the fast path never
+        # reads the `cached` dicts: keeping them (one LRU entry per prompt block and worker) is pure cost.
+        self._track_cache = index or not self._fast
 
     # ------------------------------------------------------------------ membership
     def add_worker(self, worker_id: str, role: str = "both", block_size: int = 16, num_kv_blocks: int = 0,
@@ -148,6 +154,10 @@ class IndexedKvRouter(KvRouter):
             self._touch(w)
 
     # ------------------------------------------------------------------ updates
+    def apply_kv_events(self, worker_id: str, stored, evicted) -> None:
+        if self._track_cache:
+            super().apply_kv_events(worker_id, stored, evicted)
+
     def update_load(self, worker_id: str, stats: dict) -> None:
         super().update_load(worker_id, stats)
         w = self.workers.get(worker_id)
@@ -162,8 +172,13 @@ class IndexedKvRouter(KvRouter):
         old = w.active.get(request_id)
         if old is not None:
             self._drop(w, old)
-        super().on_assign(worker_id, request_id, hashes, prompt_len, overlap)
-        a = w.active[request_id]
+        if self._track_cache:
+            super().on_assign(worker_id, request_id, hashes, prompt_len, overlap)
+            a = w.active[request_id]
+        else:                      # the base class without its per-block cache prediction (unread)
+            pblocks = -(-prompt_len // max(1, w.block_size))
+            a = w.active[request_id] = _Active(pblocks, max(0, pblocks - (overlap or 0)))
+            w.assigned_total += 1
         w.local_prefill += a.new_blocks
         w.local_active += a.prompt_blocks
         self._touch(w)
