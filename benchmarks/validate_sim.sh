@@ -1,37 +1,105 @@
 #!/usr/bin/env bash
-# Sim-vs-reality validation (issue 7): the same Azure conversation trace slice through a real
-# `tandem serve` (one GPU worker, llama-3.2-1b random weights) measured by `tandem bench`, and through
-# `tandem sim` with the H100 profile; prints both summaries side by side.
-# Run through the device tool from the repo root, with the wheels and trace in .whl/ (see docs/benchmarks.md).
+# Sim-vs-reality validation (issue 7) in one device call, with a held-out slice:
+#   1. `tandem profile` of the model on this GPU (the engine as it is today; falls back to the
+#      checked-in profile if it fails);
+#   2. one real `tandem serve` (one worker), warmed up, then `tandem bench` of slice A and of slice B
+#      of the same trace (different --trace-start), back to back on the same server;
+#   3. on the CPU: `python -m tandem.sim.calibrate` measures the serving overheads on slice A's token
+#      timeline (writes profile_cal.json), then `tandem sim` of slice B with that profile and no knobs;
+#   4. prints real vs sim for A (calibration slice) and B (held out) with the 15% verdict per row.
+# From the repo root, with the frontend wheels and the trace in .whl/ (see docs/benchmarks.md):
+#   bash benchmarks/validate_sim.sh                      # GPU: ~3-4 min on an H100
+#   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 START_B=600 \
+#       PROFILE=profiles/h100_llama-3.2-1b.json bash benchmarks/validate_sim.sh   # CPU dry run
+# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), START_A/START_B (trace seconds,
+# 0/1200), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine
+# flags), PORT, OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+else
+    export PYTHONPATH=$PWD
+fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+DEVICE=${DEVICE:-cuda}
 TRACE=${TRACE:-.whl/traces/azure2023_conv_181546-184500.csv}
-N=${N:-400}; SCALE=${SCALE:-1.0}
-LOAD="--trace $TRACE --max-requests $N --time-scale $SCALE --max-isl 4096 --max-osl 512 --jitter 0"
-ENGINE="--max-num-seqs 256 --max-num-batched-tokens 2048"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-[ -f /tmp/m1b/config.json ] || python3 -m tandem.cli model init /tmp/m1b --preset llama-3.2-1b || exit 1
-python3 -m tandem.cli serve --model /tmp/m1b --served-model-name m --port 8123 --device cuda --workers 1 $ENGINE \
+[ -f "$TRACE" ] || TRACE=../shared/traces/azure2023_conv_181546-184500.csv
+N=${N:-400}; SCALE=${SCALE:-0.3}; START_A=${START_A:-0}; START_B=${START_B:-1200}
+MAX_ISL=${MAX_ISL:-4096}; MAX_OSL=${MAX_OSL:-512}
+MODEL=${MODEL:-/tmp/m1b}; PRESET=${PRESET:-llama-3.2-1b}; PORT=${PORT:-8123}
+ENGINE=${ENGINE:---max-num-seqs 256 --max-num-batched-tokens 2048}
+LOAD="--trace $TRACE --max-requests $N --time-scale $SCALE --max-isl $MAX_ISL --max-osl $MAX_OSL --jitter 0"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+[ -f "$MODEL/config.json" ] || python3 -m tandem.cli model init "$MODEL" --preset "$PRESET" || exit 1
+
+# 1. profile (same engine, same GPU, same call)
+if [ -z "${PROFILE:-}" ]; then
+    stamp "tandem profile"
+    if python3 -m tandem.cli profile --model "$MODEL" --preset "$PRESET" --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; then
+        PROFILE=$OUT/profile.json
+    else
+        tail -5 "$OUT/profile.log"
+        PROFILE=profiles/h100_llama-3.2-1b.json
+        echo "tandem profile failed: using the checked-in $PROFILE"
+    fi
+fi
+stamp "profile: $PROFILE"
+
+# 2. serve + bench A and B
+stamp "tandem serve"
+python3 -m tandem.cli serve --model "$MODEL" --served-model-name m --port "$PORT" --device "$DEVICE" --workers 1 $ENGINE \
     --log-level warning > "$OUT/serve.log" 2>&1 &
 SRV=$!
-for i in $(seq 1 180); do curl -sf http://127.0.0.1:8123/health >/dev/null && break; sleep 1; done
-curl -s http://127.0.0.1:8123/health; echo
-python3 -m tandem.cli bench --url http://127.0.0.1:8123 --model m $LOAD --out "$OUT/real.json" --no-progress 2>&1 | tail -25
-kill $SRV; wait $SRV 2>/dev/null
-python3 -m tandem.cli sim $LOAD --gpus 1 --profile profiles/h100_llama-3.2-1b.json $ENGINE --out "$OUT/sim.json" \
-    --no-progress 2>&1 | tail -5
-python3 - "$OUT/real.json" "$OUT/sim.json" <<'PY'
+trap 'kill $SRV 2>/dev/null' EXIT
+for i in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
+curl -sf "http://127.0.0.1:$PORT/health" || { echo "server did not come up"; tail -20 "$OUT/serve.log"; exit 1; }; echo
+BENCH="python3 -m tandem.cli bench --url http://127.0.0.1:$PORT --model m --no-progress"
+# warm-up (first prefills and batch shapes), not measured
+$BENCH --trace "$TRACE" --max-requests 40 --time-scale 1 --trace-start 2400 --max-isl "$MAX_ISL" --max-osl 32 \
+    --jitter 0 --out "$OUT/warmup.json" > "$OUT/warmup.log" 2>&1
+for S in A B; do
+    START=$([ $S = A ] && echo "$START_A" || echo "$START_B")
+    stamp "bench slice $S (trace start $START s)"
+    $BENCH $LOAD --trace-start "$START" --out "$OUT/real_$S.json" > "$OUT/bench_$S.log" 2>&1 || { tail -20 "$OUT/bench_$S.log"; exit 1; }
+    grep -E "requests ok|output tok/s|TTFT p50|TTFT p90|TPOT p50|TPOT p90|dispatch lag" "$OUT/bench_$S.log"
+done
+kill $SRV; wait $SRV 2>/dev/null; trap - EXIT
+tail -3 "$OUT/serve.log"
+
+# 3. calibrate on A, simulate both (CPU)
+SIM="--gpus 1 $ENGINE --no-progress --quiet"
+stamp "calibrate on A"
+python3 -m tandem.sim.calibrate --real "$OUT/real_A.json" $LOAD --trace-start "$START_A" --profile "$PROFILE" $SIM \
+    --out "$OUT/sim_A.json" --write-profile "$OUT/profile_cal.json" > "$OUT/calibrate.log" 2>&1 || { cat "$OUT/calibrate.log"; exit 1; }
+cat "$OUT/calibrate.log"
+stamp "sim B (profile_cal.json, no knobs) and the uncalibrated sims"
+python3 -m tandem.cli sim $LOAD --trace-start "$START_B" --profile "$OUT/profile_cal.json" $SIM --out "$OUT/sim_B.json" || exit 1
+for S in A B; do
+    START=$([ $S = A ] && echo "$START_A" || echo "$START_B")
+    python3 -m tandem.cli sim $LOAD --trace-start "$START" --profile "$PROFILE" $SIM --step-overhead-ms 0 \
+        --seq-overhead-ms 0 --new-overhead-ms 0 --request-overhead-ms 0 --out "$OUT/sim_${S}_raw.json" || exit 1
+done
+
+# 4. tables
+python3 - "$OUT" <<'PY'
 import json, sys
-real, sim = (json.load(open(p))["summary"]["overall"] for p in sys.argv[1:3])
-rows = [("TTFT p50 ms", "ttft_ms", "p50"), ("TTFT p90 ms", "ttft_ms", "p90"), ("TPOT p50 ms", "tpot_ms", "p50"),
-        ("TPOT p90 ms", "tpot_ms", "p90"), ("output tok/s", "output_throughput", None),
-        ("requests/s", "request_throughput", None), ("completed", "requests_completed", None)]
-print(f"| metric | real | sim | sim/real |\n|---|---|---|---|")
-for name, k, q in rows:
-    a, b = (real[k][q] if q else real[k]), (sim[k][q] if q else sim[k])
-    print(f"| {name} | {a:.2f} | {b:.2f} | {b / a if a else float('nan'):.3f} |")
+from tandem.sim.calibrate import all_within, table
+out = sys.argv[1]
+load = lambda n: json.load(open(f"{out}/{n}.json"))
+cal = load("profile_cal")["serving_overhead"]
+print(f"\nserving overheads measured on slice A: {cal['step_s'] * 1e3:.3f} ms/step + {cal['seq_s'] * 1e3:.4f} ms/seq "
+      f"+ {cal['new_s'] * 1e3:.3f} ms/new request; {cal['request_s'] * 1e3:.3f} ms/request before the router")
+for s, what in (("A", "calibration slice"), ("B", "HELD-OUT slice")):
+    real = load(f"real_{s}")
+    ok = real["summary"]["overall"]["requests_completed"]
+    print(f"\n### slice {s} ({what}; {ok} requests ok) -- calibrated sim")
+    print(table(real, load(f"sim_{s}"), verdict=True))
+    print(f"all rows within 15%: {'YES' if all_within(real, load(f'sim_{s}')) else 'NO'}")
+    print(f"\nslice {s} -- sim from the profile alone (no serving overheads)")
+    print(table(real, load(f"sim_{s}_raw")))
 PY
-tail -5 "$OUT/serve.log"
+stamp "done"
