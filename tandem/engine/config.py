@@ -20,6 +20,9 @@ class EngineConfig:
     aging_s: float = 30.0                    # a waiting request climbs one priority class per aging_s
     seed: int = 0
     cuda_graphs: bool = True
+    # launch the next decode step before the host has read the previous one's tokens (overlaps host
+    # work with the GPU). None = auto: on for CUDA, off on CPU (env TANDEM_ASYNC_SCHEDULING overrides).
+    async_scheduling: bool | None = None
     # CPU threads for torch ops. Default 1 (env TANDEM_CPU_THREADS overrides): several worker processes
     # share the cores, and OpenMP spin-waits under oversubscription made steps ~20x slower in tests.
     cpu_threads: int | None = None

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from tandem.engine.attention import AttnMetadata
+from tandem.engine.hostcopy import to_device
 
 log = logging.getLogger(__name__)
 
@@ -134,8 +135,10 @@ class DecodeGraphRunner:
                 self.row_owner[row] = None
                 self.free_rows.append(row)
 
-    def run(self, reqs) -> torch.Tensor:
-        """One decode step for `reqs` (each computes its last token): logits [len(reqs), vocab]."""
+    def run(self, reqs, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step for `reqs`, each computing position `num_computed_tokens`: logits
+        [len(reqs), vocab]. The token ids come from the requests, or from `input_ids` (on the device:
+        the previous step's sampled ids, not on the host yet) under asynchronous scheduling."""
         B = len(reqs)
         bucket = self.bucket_for(B)
         i = self._flip
@@ -148,7 +151,7 @@ class DecodeGraphRunner:
         bs = self.block_size
         for j, req in enumerate(reqs):
             p = req.num_computed_tokens
-            buf[0, j] = req.all_token_ids[p]
+            buf[0, j] = req.all_token_ids[p] if input_ids is None else 0
             buf[1, j] = p
             buf[2, j] = req.block_table[p // bs] * bs + p % bs
             buf[3, j] = p + 1
@@ -159,9 +162,11 @@ class DecodeGraphRunner:
             buf[3, B:bucket] = 1
             buf[4, B:bucket] = self.scratch_row
         if ups[0]:
-            u = torch.tensor(ups, dtype=torch.int64).to(self.device, non_blocking=True)
+            u = to_device(ups, torch.int64, self.device)
             self.bt_store[u[0], u[1]] = u[2].to(torch.int32)
         self.staging[:, :bucket].copy_(self._pinned[i][:, :bucket], non_blocking=True)
+        if input_ids is not None:
+            self.staging[0, :B].copy_(input_ids)
         ev = self._events[i] or torch.cuda.Event()
         ev.record()
         self._events[i] = ev

@@ -8,6 +8,7 @@ import torch
 
 from tandem.engine.attention import AttnMetadata
 from tandem.engine.config import EngineConfig
+from tandem.engine.hostcopy import HostIds, to_device
 from tandem.engine.loader import load_model
 from tandem.engine.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -58,6 +59,7 @@ class ModelRunner:
             self.graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size, self.max_model_len,
                                             min(config.max_num_seqs, 512), scratch_block=self.num_kv_blocks)
             self.graphs.capture()
+        self.host_ids = HostIds(self.device, config.max_num_seqs)
 
     def _bytes_per_block(self) -> int:
         mc = self.model_config
@@ -115,23 +117,40 @@ class ModelRunner:
                 sample_rows.append(qsl[-1] - 1)
         meta = self._metadata(qsl, seq_lens, tables, slots)
         dev = self.device
-        ids = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
+        ids = to_device(input_ids, torch.long, dev)
+        pos = to_device(positions, torch.long, dev)
         hidden = self.model(ids, pos, self.kv_cache, meta)
         logits = None
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)]).float()
+            rows = hidden if len(sample_rows) == hidden.shape[0] else \
+                hidden.index_select(0, to_device(sample_rows, torch.long, dev))
+            logits = self.model.compute_logits(rows).float()
         return sample_reqs, logits
+
+    def execute_ahead(self, reqs, input_ids: torch.Tensor) -> torch.Tensor:
+        """A decode step launched before the previous step's tokens reached the host (asynchronous
+        scheduling): each request computes position `num_computed_tokens` (== its host length), whose
+        token id is still on the device in `input_ids` ([len(reqs)] long). Its KV block is already
+        allocated. Returns the logits [len(reqs), vocab] (float32)."""
+        if self.graphs is not None and len(reqs) <= self.graphs.max_batch:
+            return self.graphs.run(reqs, input_ids)
+        bs = self.block_size
+        positions = [r.num_computed_tokens for r in reqs]
+        slots = [r.block_table[p // bs] * bs + p % bs for r, p in zip(reqs, positions)]
+        qsl = list(range(len(reqs) + 1))
+        meta = self._metadata(qsl, [p + 1 for p in positions], [r.block_table for r in reqs], slots)
+        hidden = self.model(input_ids, to_device(positions, torch.long, self.device), self.kv_cache, meta)
+        return self.model.compute_logits(hidden).float()
 
     def _metadata(self, qsl, seq_lens, tables, slots) -> AttnMetadata:
         dev = self.device
         width = max(len(t) for t in tables)
         padded = [t + [0] * (width - len(t)) for t in tables]
         return AttnMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
+            query_start_loc=to_device(qsl, torch.int32, dev),
+            seq_lens=to_device(seq_lens, torch.int32, dev),
+            block_tables=to_device(padded, torch.int32, dev),
+            slot_mapping=to_device(slots, torch.long, dev),
             max_query_len=max(b - a for a, b in zip(qsl, qsl[1:])),
             max_seq_len=max(seq_lens),
             query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens, block_tables_cpu=tables)

@@ -87,8 +87,10 @@ class WorkerCore:
                 if req is None or req.hold_kv:
                     continue                    # a prefill-for-export request stays: it is prefill work
                 last = self.engine.detach_request(rid)
+                if last is None:
+                    continue                    # it finished in the step in flight: its output follows
                 self.active.discard(rid)
-                if last is not None and (last.new_token_ids or last.new_text):
+                if last.new_token_ids or last.new_text:
                     self.send(Deltas(self.worker_id, [Delta.from_output(last)]))
                 self.send(Migrated(self.worker_id, rid, list(req.output_token_ids), self.transfer.addr))
                 moved += 1

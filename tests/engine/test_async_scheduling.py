@@ -1,0 +1,219 @@
+"""Asynchronous scheduling (a decode step launched before the previous step's tokens reach the host)
+gives exactly the outputs of synchronous stepping, frees every KV block, and really runs ahead.
+
+On CPU nothing overlaps, but the ordering is the same as on the GPU: the step in flight is read after
+the next one is launched, its ids are fed to the next step as a tensor, stopped requests' extra
+tokens are dropped."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from tandem import LLM, SamplingParams
+from tandem.engine.config import EngineConfig
+from tandem.engine.engine import Engine, resolve_async_scheduling
+
+
+def prompts(k, lens=(5, 23, 40, 17, 64, 3)):
+    g = torch.Generator().manual_seed(k)
+    return [torch.randint(3, 200, (n,), generator=g).tolist() for n in lens]
+
+
+def both(model_dir, ps, params, **kw):
+    """Generate with async scheduling off and on; returns (sync outputs, async outputs, async engine)."""
+    outs = []
+    for on in (False, True):
+        llm = LLM(model_dir, device="cpu", async_scheduling=on, **kw)
+        outs.append(llm.generate(ps, params))
+    return outs[0], outs[1], llm.engine
+
+
+def same(a, b):
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+    assert [o.text for o in a] == [o.text for o in b]
+    assert [o.finish_reason for o in a] == [o.finish_reason for o in b]
+
+
+def test_greedy_batch_of_lengths_and_max_tokens(llama_dir):
+    ps = prompts(0)
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (1, 2, 7, 13, 20, 4)]
+    a, b, eng = both(llama_dir, ps, params)
+    same(a, b)
+    assert [len(o.token_ids) for o in b] == [1, 2, 7, 13, 20, 4]
+    assert eng.num_steps_ahead >= 15                    # most decode steps ran ahead
+    assert eng.kv.pool.num_used == 0 and not eng.has_unfinished_requests()
+
+
+def test_stop_ids_strings_eos_and_min_tokens(llama_dir):
+    """Requests that stop on a token the host has not seen yet: the extra step's token is dropped."""
+    ps = prompts(1, lens=(12, 30, 8, 21))
+    free = LLM(llama_dir, device="cpu").generate(ps, SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))
+    eos = LLM(llama_dir, device="cpu").tokenizer.eos_token_ids[0]
+    params = [
+        SamplingParams(temperature=0, max_tokens=24, stop_token_ids=[free[0].token_ids[6]]),
+        SamplingParams(temperature=0, max_tokens=24, stop=[free[1].text[10:13]] if free[1].text[10:13].strip()
+                       else None, ignore_eos=True),
+        SamplingParams(temperature=0, max_tokens=24, min_tokens=9, stop_token_ids=[free[2].token_ids[3], eos]),
+        SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+    ]
+    a, b, eng = both(llama_dir, ps, params)
+    same(a, b)
+    assert b[0].finish_reason == "stop" and len(b[0].token_ids) <= 7
+    assert len(b[2].token_ids) >= 9
+    assert eng.kv.pool.num_used == 0
+
+
+def test_seeded_sampling_identical(llama_dir):
+    """Each seeded request draws once per emitted token; a dropped extra step belongs to a finished
+    request, whose generator is never used again."""
+    ps = prompts(2, lens=(9, 25, 14, 33, 6))
+    params = [SamplingParams(temperature=t, top_p=tp, top_k=tk, seed=100 + i, max_tokens=m,
+                             stop_token_ids=[7, 11, 13, 17, 19, 23])
+              for i, (t, tp, tk, m) in enumerate([(1.0, 0.9, 50, 16), (0.7, 1.0, 0, 20), (1.3, 0.8, 20, 12),
+                                                  (1.0, 1.0, 5, 18), (0.5, 0.95, 0, 9)])]
+    params.append(SamplingParams(temperature=0, max_tokens=15, ignore_eos=True))      # a greedy row in the mix
+    a, b, eng = both(llama_dir, ps + [ps[0]], params)
+    same(a, b)
+    assert eng.num_steps_ahead > 0
+
+
+def test_logprobs_fall_back_to_synchronous_steps(llama_dir):
+    ps = prompts(3, lens=(10, 20))
+    params = [SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+    a, b, eng = both(llama_dir, ps, params)
+    same(a, b)
+    assert [lp["token_id"] for lp in b[0].logprobs] == b[0].token_ids
+    assert a[0].logprobs == b[0].logprobs
+
+
+def test_preemption_under_small_kv_pool(llama_dir):
+    ps = prompts(4, lens=(30, 30, 30, 30))
+    params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
+    a, b, eng = both(llama_dir, ps, params, num_kv_blocks=10, enable_prefix_caching=False)
+    same(a, b)
+    assert eng.stats().num_preemptions > 0
+    assert eng.kv.pool.num_free == 10
+
+
+def test_abort_with_a_step_in_flight_frees_kv(llama_dir):
+    eng = Engine(EngineConfig(llama_dir, device="cpu", async_scheduling=True))
+    ref = Engine(EngineConfig(llama_dir, device="cpu", async_scheduling=False))
+    ps = prompts(5, lens=(20, 11, 37))
+    got = {e: {} for e in (eng, ref)}
+    for e in (eng, ref):
+        for i, p in enumerate(ps):
+            e.add_request(f"r{i}", p, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))
+        for _ in range(4):
+            for d in e.step():
+                got[e].setdefault(d.request_id, []).extend(d.new_token_ids)
+    assert eng._inflight is not None                    # a step is in flight when the abort comes
+    out = eng.abort_request("r1")
+    ref.abort_request("r1")
+    assert out.finished and out.finish_reason == "abort"
+    for e in (eng, ref):
+        while e.has_unfinished_requests():
+            for d in e.step():
+                assert d.request_id != "r1"             # the aborted request's token in flight is dropped
+                got[e].setdefault(d.request_id, []).extend(d.new_token_ids)
+        assert e.kv.pool.num_used == 0
+    assert got[eng]["r0"] == got[ref]["r0"] and got[eng]["r2"] == got[ref]["r2"]
+    assert got[ref]["r1"][:len(got[eng]["r1"])] == got[eng]["r1"]
+    # aborting everything while a step is in flight leaves no work behind
+    eng.add_request("x", ps[0], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    eng.abort_request("x")
+    assert not eng.has_unfinished_requests() and eng.kv.pool.num_used == 0
+
+
+def test_detach_reads_the_step_in_flight(llama_dir):
+    """Detach mid-flight: the token in flight is part of the last delta, then the request continues
+    on another engine exactly as if it had never moved."""
+    p = prompts(6, lens=(29,))[0]
+    sp = SamplingParams(temperature=0, max_tokens=15, ignore_eos=True)
+    ref = LLM(llama_dir, device="cpu", async_scheduling=False).generate([p, p[:9]], sp)[0]
+    a = Engine(EngineConfig(llama_dir, device="cpu", async_scheduling=True))
+    b = Engine(EngineConfig(llama_dir, device="cpu", async_scheduling=True))
+    a.add_request("m", p, sp)
+    a.add_request("other", p[:9], sp)
+    toks, text = [], ""
+    for _ in range(6):
+        for d in a.step():
+            if d.request_id == "m":
+                toks += d.new_token_ids
+                text += d.new_text
+    assert a._inflight is not None
+    last = a.detach_request("m")
+    toks += last.new_token_ids
+    text += last.new_text
+    assert len(toks) == 6 and toks == ref.token_ids[:6]
+    kv = a.export_kv("m")
+    a.release_kv("m")
+    for _ in range(3):                                  # the other request keeps going; "m" is gone
+        assert all(d.request_id != "m" for d in a.step())
+    b.add_request("m", p, sp, output_token_ids=toks, kv_import=kv)
+    while b.has_unfinished_requests():
+        for d in b.step():
+            toks += d.new_token_ids
+            text += d.new_text
+    assert toks == ref.token_ids and text == ref.text
+
+
+def test_auto_setting(monkeypatch):
+    monkeypatch.delenv("TANDEM_ASYNC_SCHEDULING", raising=False)
+    assert resolve_async_scheduling(None, torch.device("cuda")) is True
+    assert resolve_async_scheduling(None, torch.device("cpu")) is False
+    assert resolve_async_scheduling(False, torch.device("cuda")) is False
+    monkeypatch.setenv("TANDEM_ASYNC_SCHEDULING", "1")
+    assert resolve_async_scheduling(None, torch.device("cpu")) is True
+    monkeypatch.setenv("TANDEM_ASYNC_SCHEDULING", "0")
+    assert resolve_async_scheduling(None, torch.device("cuda")) is False
+
+
+@pytest.fixture(scope="module")
+def async_engine(llama_dir):
+    return Engine(EngineConfig(llama_dir, device="cpu", async_scheduling=True, num_kv_blocks=12,
+                               max_num_seqs=4, max_num_batched_tokens=24))
+
+
+ops = st.lists(st.tuples(st.sampled_from(["add", "step", "step", "step", "abort", "detach"]),
+                         st.integers(0, 50), st.integers(1, 40)), max_size=40)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops)
+def test_no_leaks_under_random_ops_async(async_engine, seq):
+    """Random add/step/abort/detach on a real engine with async scheduling on and a 12-block pool
+    (preemption and fallbacks happen): refcounts stay sane and every block comes back."""
+    eng = async_engine
+    pool = eng.kv.pool
+    n = 0
+    done: dict[str, int] = {}
+    for op, a, b in seq:
+        live = sorted(eng.requests)
+        if op == "add":
+            rid = f"h{n}"
+            n += 1
+            eng.add_request(rid, [(a + i) % 7 + 3 for i in range(b)],
+                            SamplingParams(temperature=0, max_tokens=a % 5 + 1, ignore_eos=True),
+                            ["interactive", "batch"][a % 2])
+        elif op == "step":
+            for d in eng.step():
+                done[d.request_id] = done.get(d.request_id, 0) + len(d.new_token_ids)
+        elif op == "abort" and live:
+            eng.abort_request(live[a % len(live)])
+        elif op == "detach" and live:
+            rid = live[a % len(live)]
+            eng.detach_request(rid)
+            eng.release_kv(rid)
+        held = sum(len(r.block_table) for r in eng.requests.values()) + \
+            sum(len(r.block_table) for r in eng.held.values())
+        assert 0 <= pool.num_used <= held
+    for rid in list(eng.requests):
+        eng.abort_request(rid)
+    while eng.has_unfinished_requests():
+        eng.step()
+    for rid in list(eng.held):
+        eng.release_kv(rid)
+    assert pool.num_free == pool.num_blocks
+    assert not eng.requests and eng._inflight is None
