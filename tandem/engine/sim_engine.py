@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import zlib
 from dataclasses import dataclass
 
 from tandem.common.errors import ContextTooLong, InvalidParams
@@ -106,6 +107,7 @@ class SimEngineConfig:
     step_overhead_s: float = 0.0              # host time added to every step (serving path)
     seq_overhead_s: float = 0.0               # host time per sequence in a step (outputs, messages)
     new_overhead_s: float = 0.0               # host time per request in its first step (admission)
+    new_overhead_q: tuple | None = None       # or its measured quantiles (s), drawn per request id
     fast_forward: bool = True
     model: str = "sim"
 
@@ -163,6 +165,7 @@ class SimEngine:
         self._ovh = cfg.step_overhead_s
         self._ovh_seq = cfg.seq_overhead_s
         self._ovh_new = cfg.new_overhead_s
+        self._ovh_new_q = tuple(cfg.new_overhead_q) if cfg.new_overhead_q else None
         self._ff = cfg.fast_forward
         self._ff_limit = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.busy_s = 0.0                      # virtual seconds spent in steps
@@ -181,6 +184,15 @@ class SimEngine:
 
     def _clock(self) -> float:
         return self.now
+
+    def _new_cost(self, req) -> float:
+        """Admission host time of `req` drawn from the measured quantiles: a function of the request
+        id alone (deterministic, independent of step order and of fast-forward)."""
+        q = self._ovh_new_q
+        h = (zlib.crc32(req.request_id.encode()) * 0x9E3779B1) & 0xFFFFFFFF
+        x = h / 4294967296.0 * (len(q) - 1)
+        i = int(x)
+        return q[i] + (q[i + 1] - q[i]) * (x - i) if i + 1 < len(q) else q[-1]
 
     # ================================================================== requests (Engine API)
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -329,7 +341,7 @@ class SimEngine:
                     extra += prof.ctx_extra(req.num_computed_tokens, n)
             if req.t_sched is None:
                 req.t_sched = now
-                extra_h += self._ovh_new
+                extra_h += self._ovh_new if self._ovh_new_q is None else self._new_cost(req)
         dur = prof.step_time(b, ctx, pf, extra) + self._ovh + self._ovh_seq * len(batch.reqs) + extra_h
         self._batch = batch
         self._step_start = now
@@ -622,7 +634,7 @@ class SimEngine:
                     extra += prof.ctx_extra(req.num_computed_tokens, n)
             if req.t_sched is None:
                 req.t_sched = now
-                extra_h += self._ovh_new
+                extra_h += self._ovh_new if self._ovh_new_q is None else self._new_cost(req)
         if b == 0 and pf == 0:
             if nd == 0:
                 self._win = None

@@ -9,7 +9,7 @@ Schema (written by `tandem profile`; see docs/sim.md)::
      "decode":      {"batch": [...], "context": [...], "time_s": [[per context] per batch]},
      "weight_load_s", "worker_start_s", "role_flip_s", "kv_bytes_per_token",
      "copy_bandwidth_gbps", "matmul_tflops",
-     "serving_overhead": {"step_s", "seq_s", "new_s", "request_s", "source"}}     # optional, see ServingOverhead
+     "serving_overhead": {"step_s", "seq_s", "new_s", "request_s", "new_q", "source"}}     # optional, see ServingOverhead
 
 `copy_bandwidth_gbps` is in GB/s (1e9 bytes/s), as the planner reads it.
 
@@ -35,7 +35,8 @@ same formulas as `tandem.profile.schema.Profile.mixed_step_time`:
 Pure batches reproduce the profile exactly. The simulated engine adds the serving path's host time
 (optional ``serving_overhead`` section, `ServingOverhead`; old profiles read as 0): a per step plus s
 per sequence in the step plus n per request scheduled for the first time: a step of b sequences, k of
-them new, takes T(profile) + a + s * b + n * k.
+them new, takes T(profile) + a + s * b + n * k. The admission time n is heavy-tailed on a real server;
+with ``new_q`` (its measured quantiles) each request draws its own n from them, by its id.
 
 Torch-free. `synthetic_profile()` builds a roofline profile labelled synthetic (tests, what-ifs).
 """
@@ -119,6 +120,7 @@ class ServingOverhead:
     new_s: float = 0.0
     request_s: float = 0.0
     source: str = ""
+    new_q: tuple | None = None      # quantiles (s, ascending, p0..p100) of the admission time; else new_s
 
     @classmethod
     def from_dict(cls, d: Any) -> "ServingOverhead":
@@ -136,11 +138,19 @@ class ServingOverhead:
             if not (math.isfinite(v) and v >= 0):
                 raise ProfileError(f"profile field serving_overhead.{k} must be finite and >= 0")
             vals[k] = v
-        return cls(source=str(d.get("source") or ""), **vals)
+        q = d.get("new_q")
+        if q is not None:
+            try:
+                q = tuple(float(x) for x in q)
+            except (TypeError, ValueError):
+                raise ProfileError("profile field serving_overhead.new_q must be a list of numbers") from None
+            if len(q) < 2 or not all(math.isfinite(x) and abs(x) < 60 for x in q) or list(q) != sorted(q):
+                raise ProfileError("profile field serving_overhead.new_q must be >= 2 ascending finite quantiles")
+        return cls(source=str(d.get("source") or ""), new_q=q, **vals)
 
     def to_dict(self) -> dict:
         return {"step_s": self.step_s, "seq_s": self.seq_s, "new_s": self.new_s, "request_s": self.request_s,
-                "source": self.source}
+                "new_q": list(self.new_q) if self.new_q else None, "source": self.source}
 
 
 class SimProfile:

@@ -166,7 +166,8 @@ def token_times_mode(spec: str, reqs: list) -> str:
 
 def resolve_overheads(args, profile: SimProfile) -> dict:
     """Serving overheads in ms: a flag given on the command line wins, else the profile's
-    ``serving_overhead`` (zeros in a profile without it). `from` says which source each came from."""
+    ``serving_overhead`` (zeros in a profile without it; its admission-time quantiles `new_q_ms`
+    unless --new-overhead-ms is given). `from` says which source each came from."""
     sv = profile.serving
     out, src = {}, {}
     for key, flag, prof_s in (("step_ms", "step_overhead_ms", sv.step_s), ("seq_ms", "seq_overhead_ms", sv.seq_s),
@@ -174,6 +175,7 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
                               ("request_ms", "request_overhead_ms", sv.request_s)):
         v = getattr(args, flag, None)
         out[key], src[key] = (float(v), "flag") if v is not None else (prof_s * 1e3, "profile")
+    out["new_q_ms"] = ([x * 1e3 for x in sv.new_q] if sv.new_q and src["new_ms"] == "profile" else None)
     out["from"] = src
     return out
 
@@ -200,7 +202,8 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=args.max_model_len,
         enable_prefix_caching=(caching == "on"), aging_s=args.aging_s,
         step_overhead_s=ovh["step_ms"] / 1e3,
-        seq_overhead_s=ovh["seq_ms"] / 1e3, new_overhead_s=ovh["new_ms"] / 1e3, fast_forward=not args.no_fast_forward)
+        seq_overhead_s=ovh["seq_ms"] / 1e3, new_overhead_s=ovh["new_ms"] / 1e3,
+        new_overhead_q=tuple(x / 1e3 for x in ovh["new_q_ms"]) if ovh["new_q_ms"] else None, fast_forward=not args.no_fast_forward)
     tt = token_times_mode(args.token_times, reqs)
     ccfg = ClusterConfig(
         roles=roles, router_mode=args.router_mode, publish_interval_s=args.publish_interval,
@@ -274,6 +277,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
                        "max_model_len": ecfg.max_model_len, "prefix_caching": caching == "on",
                        "aging_s": ecfg.aging_s, "step_overhead_ms": ovh["step_ms"],
                        "seq_overhead_ms": ovh["seq_ms"], "new_overhead_ms": ovh["new_ms"],
+                       "new_overhead_q_ms": ovh["new_q_ms"],
                        "fast_forward": ecfg.fast_forward},
             "publish_interval_s": args.publish_interval,
             "transfer_gbps": args.transfer_gbps if args.transfer_gbps is not None else profile.copy_bandwidth_gbps,

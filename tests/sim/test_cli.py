@@ -125,6 +125,7 @@ def test_calibration_recovers_known_overheads(profile_path, tmp_path):
     assert fit["step_s"] == pytest.approx(1.5e-3, rel=0.05)
     assert fit["seq_s"] == pytest.approx(0.2e-3, rel=0.05)
     assert fit["new_s"] == pytest.approx(3e-3, rel=0.05)
+    assert fit["new_q"][0] == pytest.approx(3e-3, rel=0.05) and fit["new_q"][-1] == pytest.approx(3e-3, rel=0.05)
     assert fit["request_s"] == pytest.approx(4e-3, rel=0.05)
     again = tmp_path / "again.json"
     load[-1] = str(prof)

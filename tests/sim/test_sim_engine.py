@@ -167,13 +167,27 @@ def test_serving_overheads_add_to_each_step(profile_dict):
     assert (e.now - t1) - (base.now - t0) == pytest.approx(0.001 + 2 * 0.0002)
 
 
-def test_fast_forward_equals_per_step_with_overheads(profile_dict):
-    """The per-sequence and per-new-request terms keep decode windows exact."""
+@pytest.mark.parametrize("quantiles", [False, True])
+def test_fast_forward_equals_per_step_with_overheads(profile_dict, quantiles):
+    """The per-sequence and per-new-request terms (constant, or drawn per request from measured
+    quantiles) keep decode windows exact and runs deterministic."""
     specs = random_reqs(120, seed=5, rate=60.0, osl=(1, 200))
-    ovh = ("--step-overhead-ms", "0.5", "--seq-overhead-ms", "0.07", "--new-overhead-ms", "2")
-    a, _ = run(profile_dict, specs, "--gpus", "1", *ovh)
-    b, _ = run(profile_dict, specs, "--gpus", "1", "--no-fast-forward", *ovh)
+    ovh = ("--step-overhead-ms", "0.5", "--seq-overhead-ms", "0.07")
+    prof = profile_dict
+    if quantiles:
+        prof = dict(profile_dict, serving_overhead={"new_q": [-0.001, 0.0, 0.001, 0.004, 0.05]})
+    else:
+        ovh += ("--new-overhead-ms", "2")
+    a, _ = run(prof, specs, "--gpus", "1", *ovh)
+    b, _ = run(prof, specs, "--gpus", "1", "--no-fast-forward", *ovh)
+    a2, _ = run(prof, specs, "--gpus", "1", *ovh)
     c, _ = run(profile_dict, specs, "--gpus", "1")
     assert a["config"]["sim"]["window_steps"] > 0
-    assert a["requests"] == b["requests"] and a["summary"] == b["summary"]
+    assert a["requests"] == b["requests"] == a2["requests"] and a["summary"] == b["summary"]
     assert a["summary"]["overall"]["tpot_ms"]["p50"] > c["summary"]["overall"]["tpot_ms"]["p50"]
+    if quantiles:
+        assert a["config"]["sim"]["engine"]["new_overhead_q_ms"] == pytest.approx([-1.0, 0.0, 1.0, 4.0, 50.0])
+        # the draw spreads TTFT: its p90 grows more than its p50 over the no-overhead run
+        d50 = a["summary"]["overall"]["ttft_ms"]["p50"] - c["summary"]["overall"]["ttft_ms"]["p50"]
+        d90 = a["summary"]["overall"]["ttft_ms"]["p90"] - c["summary"]["overall"]["ttft_ms"]["p90"]
+        assert d90 > d50
