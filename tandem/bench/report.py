@@ -95,13 +95,16 @@ def _clean(o):
     if isinstance(o, dict):
         return {k: _clean(v) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
+        if all(type(v) is float for v in o):       # token times: no call per element
+            return [v if math.isfinite(v) else None for v in o]
         return [_clean(v) for v in o]
     return o
 
 
 def write_report(path: str, report: dict) -> None:
     with open(path, "w", encoding="utf-8") as f:
-        json.dump(report, f, allow_nan=False, separators=(",", ":"))
+        # dumps, not dump: dump streams through the pure-Python encoder, dumps uses the C one (~5x faster)
+        f.write(json.dumps(report, allow_nan=False, separators=(",", ":")))
         f.write("\n")
 
 

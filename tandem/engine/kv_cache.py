@@ -40,7 +40,9 @@ class BlockPool:
             raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
         self.num_blocks = num_blocks
         self.enable_prefix_caching = enable_prefix_caching
-        self._ref = [0] * num_blocks
+        # Without prefix caching no block is ever shared or hashed: ref counts are 0/1 and implied by
+        # the free queue, so release/allocate are list slices (the simulator's common case).
+        self._ref = [0] * num_blocks if enable_prefix_caching else None
         self._hash: dict[int, int] = {}             # block id -> its hash (blocks holding one)
         self._stack: list[int] = []
         self._fresh = 0
@@ -73,7 +75,12 @@ class BlockPool:
     def blocks(self) -> list[Block]:
         """A snapshot of every block's state (for tests and introspection)."""
         h = self._hash
-        return [Block(i, r, h.get(i)) for i, r in enumerate(self._ref)]
+        ref = self._ref
+        if ref is None:
+            ref = [1] * self.num_blocks
+            for b in self.free:
+                ref[b] = 0
+        return [Block(i, r, h.get(i)) for i, r in enumerate(ref)]
 
     def lookup(self, hashes: list[int]) -> list[int]:
         """Block ids of the longest cached prefix of `hashes` (not yet referenced)."""
@@ -119,13 +126,16 @@ class BlockPool:
                         self._uncache(bid)
                     out.append(bid)
         ref = self._ref
-        for bid in out:
-            ref[bid] = 1
+        if ref is not None:
+            for bid in out:
+                ref[bid] = 1
         return out
 
     def touch(self, block_ids: list[int]) -> None:
         """Take a reference on blocks found by `lookup` (reviving free cached ones)."""
         ref = self._ref
+        if ref is None and block_ids:
+            raise ValueError("touch: blocks are only shared with prefix caching on")
         for bid in block_ids:
             r = ref[bid]
             if r == 0:
@@ -137,6 +147,13 @@ class BlockPool:
         """Drop one reference from each block. Pass a request's table tail-first, so its last blocks
         (least likely to be shared) are evicted first; blocks without a hash go to the front."""
         ref, hs, push = self._ref, self._hash, self._stack.append
+        if ref is None:
+            if self._nfree + len(block_ids) > self.num_blocks:
+                raise AssertionError(f"double free: {len(block_ids)} blocks released, "
+                                     f"{self.num_blocks - self._nfree} in use")
+            self._stack.extend(block_ids)
+            self._nfree += len(block_ids)
+            return
         freed = 0
         for bid in block_ids:
             r = ref[bid] - 1
@@ -154,7 +171,7 @@ class BlockPool:
     def cache(self, block_id: int, block_hash: int) -> None:
         """Publish a full, computed block under its chained hash (first writer wins). Only blocks in
         use are computed, so a free block is never published."""
-        if not self.enable_prefix_caching or self._ref[block_id] == 0:
+        if self._ref is None or self._ref[block_id] == 0:
             return
         if block_id in self._hash or block_hash in self.cached:
             return

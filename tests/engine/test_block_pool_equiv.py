@@ -74,11 +74,12 @@ class _RefPool:
                 self._uncache(bid)
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_same_choices_as_reference_pool(seed):
+@pytest.mark.parametrize("caching", [True, False])
+@pytest.mark.parametrize("seed", range(8))
+def test_same_choices_as_reference_pool(seed, caching):
     rng = random.Random(seed)
     n = rng.choice([8, 32, 200])
-    new, ref = BlockPool(n), _RefPool(n)
+    new, ref = BlockPool(n, enable_prefix_caching=caching), _RefPool(n)
     tables: list[list[int]] = []              # blocks held, one list per "request"
     for _ in range(400):
         op = rng.random()
@@ -95,13 +96,13 @@ def test_same_choices_as_reference_pool(seed):
             t = tables.pop(rng.randrange(len(tables)))
             new.release(list(reversed(t)))
             ref.release(list(reversed(t)))
-        elif op < 0.8 and tables:
+        elif op < 0.8 and tables and caching:
             t = rng.choice(tables)
             for bid in t[:rng.randint(0, len(t))]:
                 h = rng.randrange(3 * n)              # collisions: first writer wins
                 new.cache(bid, h)
                 ref.cache(bid, h)
-        elif op < 0.95:
+        elif op < 0.95 and caching:
             hs = [rng.randrange(3 * n) for _ in range(rng.randint(1, 6))]
             got = new.lookup(hs)
             assert got == ref.lookup(hs)
@@ -124,12 +125,13 @@ def test_same_choices_as_reference_pool(seed):
     assert new.num_free == n
 
 
-def test_double_free_and_free_block_not_published():
-    p = BlockPool(4)
+@pytest.mark.parametrize("caching", [True, False])
+def test_double_free_and_free_block_not_published(caching):
+    p = BlockPool(4, enable_prefix_caching=caching)
     a = p.allocate(2)
     p.release(a)
     with pytest.raises(AssertionError, match="double free"):
-        p.release(a[:1])
+        p.release(a + a[:1])
     p.cache(a[0], 123)                 # free: never computed, so never published
     assert p.cached == {} and p.drain_events() == ([], [])
 
