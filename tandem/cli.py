@@ -121,10 +121,20 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="run the planner: move workers between the prefill and decode pools in place")
     g.add_argument("--planner-profile", default=None,
                    help="perf profile JSON from `tandem profile` (default: profiles/ entry for the preset)")
-    g.add_argument("--planner-tick-s", type=float, default=1.0)
-    g.add_argument("--planner-min-prefill", type=int, default=1)
+    g.add_argument("--planner-tick-s", type=float, default=1.0, help="planner cadence (>= 0.25 s)")
+    g.add_argument("--planner-min-prefill", type=int, default=0,
+                   help="prefill workers the planner always keeps (default 0: when the decode workers can "
+                        "absorb the prompts, the prefill pool empties and they prefill locally)")
     g.add_argument("--planner-min-decode", type=int, default=1)
-    g.add_argument("--planner-min-dwell-s", type=float, default=5.0)
+    g.add_argument("--planner-min-dwell-s", type=float, default=5.0, help="a worker keeps a role this long")
+    g.add_argument("--planner-cooldown-s", type=float, default=2.0, help="between two batches of flips")
+    g.add_argument("--planner-reverse-cooldown-s", type=float, default=6.0,
+                   help="before flipping in the opposite direction")
+    g.add_argument("--planner-peak-window-s", type=float, default=10.0,
+                   help="a pool keeps the largest need of this recent past (0: off)")
+    g.add_argument("--planner-donor-memory-s", type=float, default=30.0,
+                   help="a pool that gives a worker keeps room for its recent load, decaying (0: off)")
+    g.add_argument("--planner-window-s", type=float, default=5.0, help="metrics window the planner reads")
     g.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for the planner")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for the planner")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -191,6 +201,12 @@ def _validate_serve_args(args) -> None:
             raise CLIError("--planner needs --planner-profile PROFILE.json (made by `tandem profile`)")
         if not Path(args.planner_profile).is_file():
             raise CLIError(f"--planner-profile {args.planner_profile}: no such file")
+        if not args.planner_window_s > 0:
+            raise CLIError("--planner-window-s must be > 0")
+        try:
+            _planner_config(args, {})
+        except ValueError as e:
+            raise CLIError(f"planner: {e}") from None
     if args.workers is not None and args.workers < 1:
         raise CLIError("--workers must be >= 1")
     for k in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_model_len"):
@@ -201,6 +217,16 @@ def _validate_serve_args(args) -> None:
         raise CLIError("--port must be in 0..65535 (0: any free port)")
     if args.max_waiting < 0:
         raise CLIError("--max-waiting must be >= 0")
+
+
+def _planner_config(args, engine_cfg: dict):
+    from tandem.planner.types import PlannerConfig
+    return PlannerConfig(tick_s=args.planner_tick_s, slo_ttft_ms=args.slo_ttft_ms or 2000.0,
+                         slo_tpot_ms=args.slo_tpot_ms or 100.0, min_prefill=args.planner_min_prefill,
+                         min_decode=args.planner_min_decode, min_dwell_s=args.planner_min_dwell_s,
+                         cooldown_s=args.planner_cooldown_s, reverse_cooldown_s=args.planner_reverse_cooldown_s,
+                         peak_window_s=args.planner_peak_window_s, donor_memory_s=args.planner_donor_memory_s,
+                         max_num_seqs=engine_cfg.get("max_num_seqs", 256))
 
 
 def build_server(args):
@@ -242,12 +268,8 @@ def build_server(args):
             runtime.start_worker(s)
         if args.planner:
             from tandem.frontend.planning import ServerPlanner
-            from tandem.planner.types import PlannerConfig
-            pc = PlannerConfig(tick_s=args.planner_tick_s, slo_ttft_ms=args.slo_ttft_ms or 2000.0,
-                               slo_tpot_ms=args.slo_tpot_ms or 100.0, min_prefill=args.planner_min_prefill,
-                               min_decode=args.planner_min_decode, min_dwell_s=args.planner_min_dwell_s,
-                               max_num_seqs=engine_cfg.get("max_num_seqs", 256))
-            sp = ServerPlanner(client, args.planner_profile, pc)
+            sp = ServerPlanner(client, args.planner_profile, _planner_config(args, engine_cfg),
+                               window_s=args.planner_window_s)
             state_box["state"].extra["planner"] = sp
             sp.start()
         asyncio.get_running_loop().create_task(_announce(state_box["state"], args, n))

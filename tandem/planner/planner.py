@@ -109,6 +109,7 @@ class Planner:
         self._last_hold: dict[str, float] = {}
         self._needs: deque[tuple[float, int, int, float, float]] = deque()
         self._loads: deque[tuple[float, float, float]] = deque()
+        self._pressure_why: dict[str, list[str]] = {"prefill": [], "decode": []}
 
     # ================================================================================ public API
     def tick(self, view: ClusterView) -> list[Decision]:
@@ -153,11 +154,15 @@ class Planner:
         n_pf = P if P > 0 else D          # no prefill pool: the decode workers prefill
         drain = m["prefill_backlog"] / (n_pf * cap_p) if n_pf > 0 and cap_p > 0 else 0.0
         m["prefill_queue_s"] = drain
+        why = self._pressure_why
         if drain > cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac:
             m["prefill_pressure"] = True
+            why["prefill"].append(f"queued prompts need {drain:.1f}s to prefill")
         if absorb and m["prefill_pressure"]:
             # prefill runs on the decode workers (or could): a TTFT miss means they are too busy
             m["prefill_pressure"], m["decode_pressure"] = False, True
+            why["decode"] += [w + " (prompts are prefilled on the decode workers)" for w in why["prefill"]]
+            why["prefill"] = []
         # measured SLO pressure: one more worker of need for the pool that misses its SLO, unless
         # that pool grew so recently that the measurement window cannot show it yet
         settle = m["window_s"] + self.profile.role_flip_s + cfg.tick_s
@@ -197,6 +202,7 @@ class Planner:
             "now": _r(now, 3), "window_s": _r(m["window_s"], 3), "predictor": self.predictor_name,
             "measured": {k: _r(v) for k, v in m.items() if not isinstance(v, bool)},
             "pressure": {"prefill": m["prefill_pressure"], "decode": m["decode_pressure"]},
+            "pressure_why": {k: list(v) for k, v in self._pressure_why.items()},
             "predicted": {k: _r(v) for k, v in pred.items()},
             "need": {"prefill": need_p, "decode": need_d, "prefill_load": _r(load_p),
                      "decode_load": _r(load_d), "prefill_now": now_need[0],
@@ -448,10 +454,19 @@ class Planner:
         ttft_p90 = max(ttft90) if ttft90 else None
         tpot_p90 = max(tpot90) if tpot90 else None
         qwait = opt_nonneg(view.prefill_queue_wait_p90_s)
-        prefill_pressure = bool((ttft_p90 is not None and ttft_p90 > cfg.slo_ttft_ms)
-                                or (qwait is not None and qwait * 1000 > cfg.slo_ttft_ms))
-        decode_pressure = bool((tpot_p90 is not None and tpot_p90 > cfg.slo_tpot_ms)
-                               or kv_full or decode_queue)
+        why_p, why_d = [], []
+        if ttft_p90 is not None and ttft_p90 > cfg.slo_ttft_ms:
+            why_p.append(f"TTFT p90 {ttft_p90:.0f} ms")
+        if qwait is not None and qwait * 1000 > cfg.slo_ttft_ms:
+            why_p.append(f"prefill queue wait p90 {qwait * 1000:.0f} ms")
+        if tpot_p90 is not None and tpot_p90 > cfg.slo_tpot_ms:
+            why_d.append(f"TPOT p90 {tpot_p90:.0f} ms")
+        if kv_full:
+            why_d.append("KV cache full")
+        if decode_queue:
+            why_d.append("requests queue for decode slots")
+        self._pressure_why = {"prefill": why_p, "decode": why_d}
+        prefill_pressure, decode_pressure = bool(why_p), bool(why_d)
         return {
             "window_s": win, "arrivals": arrivals, "completions": completions,
             "rate": arrivals / win, "prefill_tps": uncached / win, "decode_demand_tps": dec_tok / win,
@@ -585,13 +600,13 @@ class Planner:
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
                     cfg.min_decode, math.ceil(m["need_now_d"] * (1 + h)),
                     self._keep(m["need_now_d"], m["load_now_d"], 0.0)):
-                move, why = 1, (f"feedback: prefill misses SLO (TTFT p90 "
-                                f"{m['ttft_p90_ms']:.0f} ms) and decode has slack")
+                move, why = 1, (f"feedback: prefill misses its SLO "
+                                f"({', '.join(self._pressure_why['prefill'])}) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
                     cfg.min_prefill, math.ceil(m["need_now_p"] * (1 + h)),
                     self._keep(m["need_now_p"], m["load_now_p"], 0.0)):
-                move, why = -1, (f"feedback: decode misses SLO (TPOT p90 "
-                                 f"{m['tpot_p90_ms']:.0f} ms) and prefill has slack")
+                move, why = -1, (f"feedback: decode misses its SLO "
+                                 f"({', '.join(self._pressure_why['decode'])}) and prefill has slack")
         if move == 0:
             return 0, ""
         # global cooldowns
@@ -727,8 +742,8 @@ class Planner:
 
     @staticmethod
     def _decision_inputs(inputs: dict) -> dict:
-        keys = ("now", "measured", "pressure", "predicted", "need", "split", "util", "target",
-                "regime", "capacity", "aggregated")
+        keys = ("now", "measured", "pressure", "pressure_why", "predicted", "need", "split", "util",
+                "target", "regime", "capacity", "aggregated")
         return jsonable({k: inputs[k] for k in keys if k in inputs})
 
     @staticmethod
