@@ -2,17 +2,17 @@
 # Sim-vs-reality validation (issue 7) in one device call, with a held-out slice:
 #   1. `tandem profile` of the model on this GPU (the engine as it is today; falls back to the
 #      checked-in profile if it fails);
-#   2. one real `tandem serve` (one worker), warmed up, then `tandem bench` of slice A and of slice B
-#      of the same trace (different --trace-start), back to back on the same server;
+#   2. one real `tandem serve` (one worker), warmed up, then `tandem bench` of slices A, B, C of the same
+#      trace (different --trace-start, different load), back to back on the same server;
 #   3. on the CPU: `python -m tandem.sim.calibrate` measures the serving overheads on slice A's token
-#      timeline (writes profile_cal.json), then `tandem sim` of slice B with that profile and no knobs;
-#   4. prints real vs sim for A (calibration slice) and B (held out) with the 15% verdict per row.
+#      timeline (writes profile_cal.json), then `tandem sim` of B and C with that profile and no knobs;
+#   4. prints real vs sim for A (calibration slice), B and C (held out) with the 15% verdict per row.
 # From the repo root, with the frontend wheels and the trace in .whl/ (see docs/benchmarks.md):
 #   bash benchmarks/validate_sim.sh                      # GPU: ~3-4 min on an H100
-#   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 START_B=600 \
+#   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 SLICES="A:0 B:600" \
 #       PROFILE=profiles/h100_llama-3.2-1b.json bash benchmarks/validate_sim.sh   # CPU dry run
-# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), START_A/START_B (trace seconds,
-# 0/1200; the conv trace is 1,753 s long), START_WARMUP (1600), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine
+# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600": name:trace
+# start in s, the first one calibrates; the conv trace is 1,753 s long), START_WARMUP (1600), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine
 # flags), PORT, OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -26,7 +26,8 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 DEVICE=${DEVICE:-cuda}
 TRACE=${TRACE:-.whl/traces/azure2023_conv_181546-184500.csv}
 [ -f "$TRACE" ] || TRACE=../shared/traces/azure2023_conv_181546-184500.csv
-N=${N:-400}; SCALE=${SCALE:-0.3}; START_A=${START_A:-0}; START_B=${START_B:-1200}
+N=${N:-400}; SCALE=${SCALE:-0.3}
+SLICES=${SLICES:-A:0 B:1200 C:600}     # name:trace start (s); the first is the calibration slice
 MAX_ISL=${MAX_ISL:-4096}; MAX_OSL=${MAX_OSL:-512}
 MODEL=${MODEL:-/tmp/m1b}; PRESET=${PRESET:-llama-3.2-1b}; PORT=${PORT:-8123}
 ENGINE=${ENGINE:---max-num-seqs 256 --max-num-batched-tokens 2048}
@@ -61,8 +62,8 @@ BENCH="python3 -m tandem.cli bench --url http://127.0.0.1:$PORT --model m --no-p
 # warm-up (first prefills and batch shapes), not measured
 $BENCH --trace "$TRACE" --max-requests 40 --time-scale "$SCALE" --trace-start "${START_WARMUP:-1600}" --max-isl "$MAX_ISL" \
     --max-osl 32 --jitter 0 --out "$OUT/warmup.json" > "$OUT/warmup.log" 2>&1 || tail -3 "$OUT/warmup.log"
-for S in A B; do
-    START=$([ $S = A ] && echo "$START_A" || echo "$START_B")
+for SL in $SLICES; do
+    S=${SL%%:*}; START=${SL#*:}
     stamp "bench slice $S (trace start $START s)"
     $BENCH $LOAD --trace-start "$START" --out "$OUT/real_$S.json" > "$OUT/bench_$S.log" 2>&1 || { tail -20 "$OUT/bench_$S.log"; exit 1; }
     grep -E "requests ok|output tok/s|TTFT p50|TTFT p90|TPOT p50|TPOT p90|dispatch lag" "$OUT/bench_$S.log"
@@ -70,33 +71,42 @@ done
 kill $SRV; wait $SRV 2>/dev/null; trap - EXIT
 tail -3 "$OUT/serve.log"
 
-# 3. calibrate on A, simulate both (CPU)
+# 3. calibrate on the first slice, simulate the others with its profile and no knobs (CPU)
 SIM="--gpus 1 $ENGINE --no-progress --quiet"
-stamp "calibrate on A"
-python3 -m tandem.sim.calibrate --real "$OUT/real_A.json" $LOAD --trace-start "$START_A" --profile "$PROFILE" $SIM \
-    --out "$OUT/sim_A.json" --write-profile "$OUT/profile_cal.json" > "$OUT/calibrate.log" 2>&1 || { cat "$OUT/calibrate.log"; exit 1; }
+CAL=${SLICES%% *}; CS=${CAL%%:*}; CSTART=${CAL#*:}
+stamp "calibrate on slice $CS"
+python3 -m tandem.sim.calibrate --real "$OUT/real_$CS.json" $LOAD --trace-start "$CSTART" --profile "$PROFILE" $SIM \
+    --out "$OUT/sim_$CS.json" --write-profile "$OUT/profile_cal.json" > "$OUT/calibrate.log" 2>&1 || { cat "$OUT/calibrate.log"; exit 1; }
 cat "$OUT/calibrate.log"
-stamp "sim B (profile_cal.json, no knobs) and the uncalibrated sims"
-python3 -m tandem.cli sim $LOAD --trace-start "$START_B" --profile "$OUT/profile_cal.json" $SIM --out "$OUT/sim_B.json" || exit 1
-for S in A B; do
-    START=$([ $S = A ] && echo "$START_A" || echo "$START_B")
+stamp "sims of the held-out slices (profile_cal.json, no knobs) and uncalibrated sims"
+for SL in $SLICES; do
+    S=${SL%%:*}; START=${SL#*:}
+    [ "$S" = "$CS" ] || python3 -m tandem.cli sim $LOAD --trace-start "$START" --profile "$OUT/profile_cal.json" $SIM \
+        --out "$OUT/sim_$S.json" || exit 1
     python3 -m tandem.cli sim $LOAD --trace-start "$START" --profile "$PROFILE" $SIM --step-overhead-ms 0 \
         --seq-overhead-ms 0 --new-overhead-ms 0 --request-overhead-ms 0 --out "$OUT/sim_${S}_raw.json" || exit 1
 done
 
-# 4. tables
-python3 - "$OUT" <<'PY'
+# 4. tables (also in $OUT/validation.md)
+python3 - "$OUT" "$PROFILE" $SLICES <<'PY' | tee "$OUT/validation.md"
 import json, sys
 from tandem.sim.calibrate import all_within, table
-out = sys.argv[1]
+out, profile, slices = sys.argv[1], sys.argv[2], [s.split(":") for s in sys.argv[3:]]
 load = lambda n: json.load(open(f"{out}/{n}.json"))
 cal = load("profile_cal")["serving_overhead"]
-print(f"\nserving overheads measured on slice A: {cal['step_s'] * 1e3:.3f} ms/step + {cal['seq_s'] * 1e3:.4f} ms/seq "
-      f"+ {cal['new_s'] * 1e3:.3f} ms/new request; {cal['request_s'] * 1e3:.3f} ms/request before the router")
-for s, what in (("A", "calibration slice"), ("B", "HELD-OUT slice")):
+q = cal.get("new_q") or []
+qs = (f"; admission time quantiles p50 {q[len(q) // 2] * 1e3:.2f}, p90 {q[round(0.9 * (len(q) - 1))] * 1e3:.2f}, "
+      f"max {q[-1] * 1e3:.2f} ms") if q else ""
+print(f"profile: {profile}")
+print(f"serving overheads measured on slice {slices[0][0]}: {cal['step_s'] * 1e3:.3f} ms/step + "
+      f"{cal['seq_s'] * 1e3:.4f} ms/seq + {cal['new_s'] * 1e3:.3f} ms/new request (mean){qs}; "
+      f"{cal['request_s'] * 1e3:.3f} ms/request before the router")
+for i, (s, start) in enumerate(slices):
     real = load(f"real_{s}")
-    ok = real["summary"]["overall"]["requests_completed"]
-    print(f"\n### slice {s} ({what}; {ok} requests ok) -- calibrated sim")
+    o = real["summary"]["overall"]
+    what = "calibration slice" if i == 0 else "HELD-OUT slice"
+    print(f"\n### slice {s}: trace start {start} s ({what}; {o['requests_completed']} ok, {o['requests_failed']} failed, "
+          f"{o['request_throughput']:.2f} req/s) -- calibrated sim")
     print(table(real, load(f"sim_{s}"), verdict=True))
     print(f"all rows within 15%: {'YES' if all_within(real, load(f'sim_{s}')) else 'NO'}")
     print(f"\nslice {s} -- sim from the profile alone (no serving overheads)")
