@@ -6,8 +6,9 @@ see benchmarks/run_engine_gpu.sh and docs/benchmarks.md).
 
 `bench` prints one table per preset:
   decode tok/s at batch 1/8/32/128/256 x context 1k/4k (+ batch 64 at 2k), through the real engine
-    (scheduler, CUDA-graph decode, sampler, detokenizer); roofline = (weights + KV bytes per step) /
-    measured copy bandwidth; `gpu` = the same step's graph replay alone;
+    (scheduler, CUDA-graph decode, sampler, detokenizer), each point twice: with asynchronous scheduling
+    (steps launched ahead; the table's main columns) and with synchronous steps (`sync`); roofline =
+    (weights + KV bytes per step) / measured copy bandwidth; `gpu` = the same step's graph replay alone;
   prefill tok/s for one prompt of 512/2k/8k tokens; roofline = FLOPs / measured bf16 matmul rate;
   engine vs HF transformers `generate` at batch 1 and 32 (128 prompt + 128 new tokens), same run.
 """
@@ -390,30 +391,44 @@ def bench_preset(preset: str, args, ceil: dict, models_dir: Path) -> dict:
            "kv_bytes_per_token": kvb, "kv_capacity_tokens": probe.kv_capacity_tokens(), "decode": [], "prefill": []}
 
     points = DECODE_POINTS if not args.quick else [(1, 1024), (32, 1024), (64, 2048), (256, 1024)]
+    if args.points:
+        points = [tuple(int(x) for x in p.split(":")) for p in args.points.split(",")]
+    if graphs is not None:
+        sy = probe.host_syncs_ahead()
+        out["host_syncs_ahead"] = sy
+        log(f"  stream syncs in {sy['steps']} decode steps ({sy['steps_ahead']} launched ahead): {sy['syncs']} "
+            f"(expect 0){'; first: ' + sy['first_sync'] if sy['first_sync'] else ''}")
     for b, c in points:
         if not probe.fits(b, c, extra=40):
             need = b * (c + 40) * kvb / 2**30
             out["decode"].append({"batch": b, "ctx": c, "skipped": f"KV needs {need:.0f} GiB > capacity"})
             log(f"  decode b={b:3d} ctx={c:5d}: does not fit in KV ({need:.0f} GiB)")
             continue
-        r = probe.decode_step_time(b, c, steps=args.steps)
+        # the same point with steps launched ahead (asynchronous scheduling) and synchronous steps
+        r = probe.decode_step_time(b, c, steps=args.steps, async_scheduling=True)
+        rs = probe.decode_step_time(b, c, steps=args.steps, async_scheduling=False)
         nbytes = wbytes + b * r["mean_ctx"] * kvb
         roof = nbytes / bw
         r.update(tok_s=b / r["step_s"], bytes=nbytes, roofline_s=roof, ratio=roof / r["step_s"],
-                 ratio_gpu=roof / r["gpu_s"] if r["gpu_s"] else None)
+                 ratio_gpu=roof / r["gpu_s"] if r["gpu_s"] else None, sync_step_s=rs["step_s"],
+                 sync_mean_step_s=rs["mean_step_s"], sync_tok_s=b / rs["step_s"], sync_ratio=roof / rs["step_s"],
+                 sync_gpu_s=rs["gpu_s"])
         out["decode"].append(r)
         log(f"  decode b={b:3d} ctx={c:5d}: {r['tok_s']:9.1f} tok/s  step {r['step_s'] * 1e3:7.3f} ms "
-            f"(mean {r['mean_step_s'] * 1e3:.3f}, min {r['min_step_s'] * 1e3:.3f}, max {r['max_step_s'] * 1e3:.3f})  "
+            f"(mean {r['mean_step_s'] * 1e3:.3f}, min {r['min_step_s'] * 1e3:.3f}, max {r['max_step_s'] * 1e3:.3f}; "
+            f"{r['steps_ahead']}/{args.steps} ahead)  sync {rs['step_s'] * 1e3:7.3f} ms  "
             f"gpu {r['gpu_s'] * 1e3:7.3f} ms  roofline {roof * 1e3:7.3f} ms  ratio {r['ratio']:.2f} "
-            f"(gpu {r['ratio_gpu']:.2f})")
+            f"(sync {r['sync_ratio']:.2f}, gpu {r['ratio_gpu']:.2f})")
         save(f"bench_{preset}.json", out)
     for b, c in ((1, 1024), (64, 2048)):
         if probe.fits(b, c, extra=64):
-            br = probe.decode_breakdown(b, c)
-            out.setdefault("breakdown", []).append({"batch": b, "ctx": c, **br})
-            log(f"  breakdown b={b} ctx={c}: " + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in br.items()))
+            for mode in (False, True):
+                br = probe.decode_breakdown(b, c, async_scheduling=mode)
+                out.setdefault("breakdown", []).append({"batch": b, "ctx": c, "async": mode, **br})
+                log(f"  breakdown b={b} ctx={c} {'async' if mode else 'sync'}: "
+                    + ", ".join(f"{k} {v * 1e3:.3f} ms" for k, v in br.items()))
 
-    for n in PREFILL_POINTS:
+    for n in (PREFILL_POINTS if args.prefill else ()):
         t = probe.prefill_time(n, repeats=3)
         fl = prefill_flops(mc, n)
         roof = fl / (ceil["matmul_tflops"] * 1e12)
@@ -455,18 +470,25 @@ def bench_preset(preset: str, args, ceil: dict, models_dir: Path) -> dict:
 def table(results: list[dict], ceil: dict) -> str:
     L = [f"device: {ceil['device']}; date {ceil['date']}; copy bandwidth {ceil['copy_gbps']:.0f} GB/s (read+write); "
          f"bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s", ""]
-    L.append("| preset | phase | batch | context / prompt | tok/s | step ms | GPU-only ms | roofline ms | ratio | GPU-only ratio |")
-    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("Decode: `step ms` / `ratio` with asynchronous scheduling (steps launched ahead, the default on "
+             "CUDA); `sync` the same point with synchronous steps; `GPU-only` the step's graph replay alone.")
+    L.append("")
+    L.append("| preset | phase | batch | context / prompt | tok/s | step ms | sync step ms | GPU-only ms | roofline ms "
+             "| ratio | sync ratio | GPU-only ratio |")
+    L.append("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
         for d in r["decode"]:
             if "skipped" in d:
-                L.append(f"| {r['preset']} | decode | {d['batch']} | {d['ctx']} | n/a | | | | | {d['skipped']} |")
+                L.append(f"| {r['preset']} | decode | {d['batch']} | {d['ctx']} | n/a | | | | | | | {d['skipped']} |")
                 continue
+            sync_ms = f"{d['sync_step_s'] * 1e3:.3f}" if d.get("sync_step_s") else ""
+            sync_ratio = f"{d['sync_ratio']:.2f}" if d.get("sync_ratio") else ""
             L.append(f"| {r['preset']} | decode | {d['batch']} | {d['ctx']} | {d['tok_s']:.0f} | {d['step_s'] * 1e3:.3f} | "
-                     f"{d['gpu_s'] * 1e3:.3f} | {d['roofline_s'] * 1e3:.3f} | {d['ratio']:.2f} | {d['ratio_gpu']:.2f} |")
+                     f"{sync_ms} | {d['gpu_s'] * 1e3:.3f} | {d['roofline_s'] * 1e3:.3f} | {d['ratio']:.2f} | "
+                     f"{sync_ratio} | {d['ratio_gpu']:.2f} |")
         for p in r["prefill"]:
             L.append(f"| {r['preset']} | prefill | 1 | {p['tokens']} | {p['tok_s']:.0f} | {p['time_s'] * 1e3:.2f} | "
-                     f"| {p['roofline_s'] * 1e3:.2f} | {p['ratio']:.2f} ({p['tflops']:.0f} TFLOP/s) | |")
+                     f"| | {p['roofline_s'] * 1e3:.2f} | {p['ratio']:.2f} ({p['tflops']:.0f} TFLOP/s) | | |")
     L.append("")
     L.append("| preset | generate (128+128) | engine tok/s | HF tok/s | speed-up |")
     L.append("|---|---:|---:|---:|---:|")
@@ -490,8 +512,9 @@ def table(results: list[dict], ceil: dict) -> str:
                                ("llama-3.2-1b", 1, 1024, 0.6)):
         d = dec(preset, b, c)
         if d:
-            L.append(f"- {preset} decode b={b} ctx={c}: {d['ratio']:.2f} ({d['ratio_gpu']:.2f}) vs goal {goal}: "
-                     + ("MET" if d["ratio"] >= goal else "missed"))
+            sync = f", sync {d['sync_ratio']:.2f}" if d.get("sync_ratio") else ""
+            L.append(f"- {preset} decode b={b} ctx={c}: {d['ratio']:.2f} (GPU-only {d['ratio_gpu']:.2f}{sync}) vs goal "
+                     f"{goal}: " + ("MET" if d["ratio"] >= goal else "missed"))
     for p in by.get("llama-3.1-8b", {}).get("prefill", []):
         if p["tokens"] == 2048:
             L.append(f"- llama-3.1-8b prefill 2k: {p['ratio']:.2f} vs goal 0.6: " + ("MET" if p["ratio"] >= 0.6 else "missed"))
@@ -503,8 +526,9 @@ def table(results: list[dict], ceil: dict) -> str:
     L.append("")
     for r in results:
         for b in r.get("breakdown", []):
-            L.append(f"{r['preset']} decode b={b['batch']} ctx={b['ctx']} step breakdown (ms): " + ", ".join(
-                f"{k} {v * 1e3:.3f}" for k, v in b.items() if k not in ("batch", "ctx")))
+            L.append(f"{r['preset']} decode b={b['batch']} ctx={b['ctx']} {'async' if b.get('async') else 'sync'} "
+                     f"step breakdown (ms): " + ", ".join(
+                         f"{k} {v * 1e3:.3f}" for k, v in b.items() if k not in ("batch", "ctx", "async")))
         L.append(f"{r['preset']}: weights {r['weight_bytes'] / 1e9:.2f} GB, KV {r['kv_bytes_per_token']} B/token, "
                  f"KV capacity {r['kv_capacity_tokens']} tokens, worker start {r['worker_start_s']:.1f}s "
                  f"(weights {r['weight_load_s']:.1f}s, graph capture {r['graph_capture_s'] or 0:.1f}s)")
@@ -557,6 +581,8 @@ def main(argv=None) -> int:
     b.add_argument("--hf", action="store_true", help="also time HF transformers generate (batch 1 and 32)")
     b.add_argument("--quick", action="store_true")
     b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--points", default=None, help="decode points batch:context,... (default: the full grid)")
+    b.add_argument("--no-prefill", dest="prefill", action="store_false", help="skip the prefill points")
     b.set_defaults(func=cmd_bench)
     args = p.parse_args(argv)
     return args.func(args)

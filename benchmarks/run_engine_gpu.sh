@@ -3,6 +3,7 @@
 #   bash benchmarks/run_engine_gpu.sh check   # kernel tests + microbenchmarks/tuning + quick 1B engine run (~5 min)
 #   bash benchmarks/run_engine_gpu.sh full    # full table for llama-3.1-8b and llama-3.2-1b + profiles + HF (~4 min)
 #   bash benchmarks/run_engine_gpu.sh final   # graph-timed kernel microbenchmarks, per-kernel decode traces, qwen3-8b (~8 min)
+#   bash benchmarks/run_engine_gpu.sh async   # async-scheduling GPU test + decode async vs sync, 1B and 8B (~6 min)
 # Results go to $OUT (log.txt, *.json, table.md, profiles/).
 set -o pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -25,5 +26,10 @@ final)   # kernel microbenchmarks timed as CUDA-graph replays, per-kernel decode
   timeout 180 python3 benchmarks/engine.py trace 2>&1 | tee -a "$LOG"
   timeout 230 python3 benchmarks/engine.py bench --presets qwen3-8b --hf 2>&1 | tee -a "$LOG"
   ;;
-*) echo "usage: $0 check|full|final"; exit 2;;
+async)   # asynchronous scheduling: GPU correctness + sync-free check, then decode with steps ahead vs synchronous
+  timeout 150 python3 -m pytest -q --tb=short tests/engine/test_async_scheduling.py 2>&1 | tail -n 30 | tee -a "$LOG"
+  timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/engine.py bench --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" \
+    --points "${POINTS:-1:1024,8:1024,32:1024,64:2048,128:1024,1:4096}" --no-prefill --steps 30 2>&1 | tee -a "$LOG"
+  ;;
+*) echo "usage: $0 check|full|final|async"; exit 2;;
 esac

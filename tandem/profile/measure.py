@@ -192,22 +192,33 @@ class EngineProbe:
             rids.append(rid)
         return rids
 
-    def decode_step_time(self, batch: int, ctx: int, steps: int = 20, warmup: int = 3) -> dict:
+    def decode_step_time(self, batch: int, ctx: int, steps: int = 20, warmup: int = 3,
+                         async_scheduling: bool | None = None) -> dict:
         """Engine wall time per decode step of `batch` sequences at context ~ctx, and the GPU time of
-        the same step alone (graph replay), so engine overhead = step_s - gpu_s."""
+        the same step alone (graph replay), so engine overhead = step_s - gpu_s. `async_scheduling`
+        (None: the engine's setting) picks synchronous steps or steps launched ahead; with steps
+        ahead, a call's wall time is the pipelined time per step."""
         eng = self.engine
-        self.start_decode(batch, ctx, max_tokens=warmup + steps + 8)
-        for _ in range(warmup):
-            eng.step()
-        _sync()
-        per = []
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            t = time.perf_counter()
-            eng.step()                                   # returns after sampling: synchronous
-            per.append(time.perf_counter() - t)
-        _sync()
-        mean_s = (time.perf_counter() - t0) / steps
+        saved = eng.async_scheduling
+        if async_scheduling is not None:
+            eng.async_scheduling = async_scheduling
+        try:
+            self.start_decode(batch, ctx, max_tokens=warmup + steps + 8)
+            for _ in range(warmup):
+                eng.step()
+            _sync()
+            per = []
+            ahead0 = eng.num_steps_ahead
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                per.append(time.perf_counter() - t)
+            _sync()
+            mean_s = (time.perf_counter() - t0) / steps
+            ahead = eng.num_steps_ahead - ahead0
+        finally:
+            eng.async_scheduling = saved
         step_s = statistics.median(per)
         gpu_s = None
         gr = self.runner.graphs
@@ -216,14 +227,45 @@ class EngineProbe:
             gpu_s = time_cuda(g.replay, iters=10, warmup=2)
         self.clear()
         return {"batch": batch, "ctx": ctx, "mean_ctx": ctx + warmup + steps / 2, "step_s": step_s, "mean_step_s": mean_s,
-                "min_step_s": min(per), "max_step_s": max(per), "gpu_s": gpu_s}
+                "min_step_s": min(per), "max_step_s": max(per), "gpu_s": gpu_s,
+                "async_scheduling": eng.async_scheduling if async_scheduling is None else async_scheduling,
+                "steps_ahead": ahead}
 
-    def decode_breakdown(self, batch: int, ctx: int, steps: int = 20) -> dict:
+    def host_syncs_ahead(self, batch: int = 2, ctx: int = 256, steps: int = 8) -> dict:
+        """Stream syncs (torch.cuda sync debug mode) during decode steps launched ahead: any sync there
+        makes the host wait for the step it just queued, so the overlap is lost. Expect 0."""
+        import warnings
+        eng = self.engine
+        saved = eng.async_scheduling
+        eng.async_scheduling = True
+        self.start_decode(batch, ctx, max_tokens=steps + 10)
+        try:
+            for _ in range(3):
+                eng.step()
+            ahead0 = eng.num_steps_ahead
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode(1)
+                try:
+                    for _ in range(steps):
+                        eng.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+            ahead = eng.num_steps_ahead - ahead0
+        finally:
+            eng.async_scheduling = saved
+            self.clear()
+        return {"steps": steps, "steps_ahead": ahead, "syncs": len(syncs), "first_sync": syncs[0][:300] if syncs else None}
+
+    def decode_breakdown(self, batch: int, ctx: int, steps: int = 20, async_scheduling: bool = False) -> dict:
         """Where an engine decode step's wall time goes (mean seconds per step): scheduler, runner
-        (input prep + graph launch), sampling (waits for the GPU), the rest (outputs, detokenizer)."""
+        (input prep + graph launch; `execute_ahead` for steps launched ahead), sampler launch, wait
+        (host blocked on the sampled ids: GPU time not hidden), the rest (detokenizer, stop checks,
+        outputs, bookkeeping)."""
         import tandem.engine.engine as engine_mod
         eng = self.engine
-        acc = {"schedule": 0.0, "execute": 0.0, "sample": 0.0}
+        acc = {"schedule": 0.0, "execute": 0.0, "sample": 0.0, "wait": 0.0}
 
         def wrap(obj, name, key):
             orig = getattr(obj, name)
@@ -237,12 +279,16 @@ class EngineProbe:
             setattr(obj, name, f)
             return orig
 
+        saved = eng.async_scheduling
+        eng.async_scheduling = async_scheduling
         self.start_decode(batch, ctx, max_tokens=steps + 12)
         for _ in range(3):
             eng.step()
         wrap(eng.scheduler, "schedule", "schedule")
         wrap(eng.runner, "execute", "execute")
-        o3 = wrap(engine_mod, "sample", "sample")
+        wrap(eng.runner, "execute_ahead", "execute")
+        wrap(eng.runner.host_ids, "get", "wait")
+        o3 = wrap(engine_mod, "sample_ids", "sample")
         try:
             _sync()
             t0 = time.perf_counter()
@@ -250,8 +296,10 @@ class EngineProbe:
                 eng.step()
             total = time.perf_counter() - t0
         finally:
-            del eng.scheduler.schedule, eng.runner.execute   # drop the instance-level wrappers
-            engine_mod.sample = o3
+            del eng.scheduler.schedule, eng.runner.execute, eng.runner.execute_ahead   # drop the wrappers
+            del eng.runner.host_ids.get
+            engine_mod.sample_ids = o3
+            eng.async_scheduling = saved
         self.clear()
         out = {k: v / steps for k, v in acc.items()}
         out["total"] = total / steps
