@@ -94,34 +94,63 @@ class KVServer:
         self.sock.close(0)
 
 
+def _open_ipc(payload: bytes, device) -> torch.Tensor:
+    """Map the peer's staging tensor (CUDA IPC) and copy it once onto `device` (GPU→GPU, no host
+    staging). The mapped view is dropped before returning; torch synchronizes the stream when it
+    releases the mapping, so the copy is complete when this returns."""
+    fn, args = pickle.loads(payload)
+    src = fn(*args)
+    data = src.to(device, copy=True)
+    del src
+    torch.cuda.current_stream(data.device).synchronize()
+    return data
+
+
 def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float = 5.0,
-             device: torch.device | str = "cpu", accept_ipc: bool = True):
+             device: torch.device | str = "cpu", accept_ipc: bool = True, phases: dict | None = None):
     """Fetch a held request's KV from a KVServer. Returns (KVExport, ack) or None on any failure.
-    Call `ack()` after importing so the server frees the blocks."""
+    Call `ack()` after importing so the server frees the blocks. A CUDA IPC handle that cannot be
+    opened here (no peer access, another host) is retried once through host bytes before giving up.
+    `phases`, if given, receives seconds per phase ("reply": request until the server's answer,
+    "copy": IPC map + GPU copy or host bytes → device) and "path" ("cuda_ipc" or "bytes")."""
     from tandem.engine.engine import KVExport
+    want_ipc = accept_ipc and torch.device(device).type == "cuda"
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.RCVTIMEO, int(timeout_s * 1000))
     sock.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+    ph = phases if phases is not None else {}
     try:
         sock.connect(addr)
+        t0 = time.perf_counter()
         sock.send(msgpack.packb({"op": "fetch", "request_id": request_id, "start_block": start_block,
-                                 "accept_ipc": accept_ipc and torch.device(device).type == "cuda"}))
+                                 "accept_ipc": want_ipc}))
         frames = sock.recv_multipart(copy=False)
+        t1 = time.perf_counter()
+        ph["reply"] = t1 - t0
         head = msgpack.unpackb(frames[0].bytes)
         if not head.get("ok"):
             log.warning("kv fetch %s refused: %s", request_id, head.get("error"))
+            sock.close(0)
             return None
         dtype = _DT[head["dtype"]]
         if head.get("ipc"):
-            fn, args = pickle.loads(frames[1].bytes)
-            data = fn(*args).to(device, non_blocking=False).clone()
+            try:
+                data = _open_ipc(frames[1].bytes, device)
+                ph["path"] = "cuda_ipc"
+            except (RuntimeError, OSError, TypeError) as e:
+                log.warning("kv fetch %s: CUDA IPC handle from %s not usable here (%s); retrying through host "
+                            "memory", request_id, addr, e)
+                sock.close(0)
+                return fetch_kv(addr, request_id, start_block, timeout_s, device, accept_ipc=False, phases=phases)
         else:
             buf = frames[1].buffer
             data = torch.frombuffer(buf, dtype=torch.uint8).view(dtype).reshape(head["shape"]) if len(buf) else \
                 torch.empty(head["shape"], dtype=dtype)
             data = data.to(device)
+            ph["path"] = "bytes"
+        ph["copy"] = time.perf_counter() - t1
         kv = KVExport(head["request_id"], head["prompt_token_ids"], head["output_token_ids"], head["num_tokens"],
                       head["block_size"], head["start_block"], data)
     except (zmq.ZMQError, KeyError, ValueError, RuntimeError) as e:
