@@ -306,6 +306,58 @@ class EngineProbe:
         out["other"] = out["total"] - sum(acc.values()) / steps
         return out
 
+    # -- serving path
+    def worker_overhead(self, batches=(1, 8, 32, 128), ctx: int = 1024, steps: int = 12,
+                        prompt_tokens=(128, 1024, 4096), repeats: int = 3) -> dict:
+        """Host time the worker process adds to the engine (`tandem.worker.proc.WorkerCore`, in process,
+        no socket): per decode step, WorkerCore.step (engine step + deltas built and msgpack-encoded)
+        minus Engine.step, interleaved at the same batch (medians); per request, a `Generate` message
+        decoded and admitted (`WorkerCore.handle`: validation, request state, detokenizer). Needs
+        pyzmq/msgpack (the worker's imports)."""
+        from tandem.worker.proc import WorkerCore
+        from tandem.worker.protocol import Generate, decode, encode
+        eng = self.engine
+        sent = [0]
+
+        def send(msg):
+            sent[0] += len(encode(msg))
+        core = WorkerCore(eng, "probe", send=send)
+        rows = []
+        for b in batches:
+            if not self.fits(b, ctx, extra=2 * steps + 16):
+                continue
+            self.start_decode(b, ctx, max_tokens=2 * steps + 8)
+            for _ in range(3):
+                core.step()
+            te, tw = [], []
+            for _ in range(steps):
+                t = time.perf_counter()
+                eng.step()
+                te.append(time.perf_counter() - t)
+                t = time.perf_counter()
+                core.step()
+                tw.append(time.perf_counter() - t)
+            self.clear()
+            rows.append((b, statistics.median(te), statistics.median(tw)))
+        adm = []
+        sp = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True).to_dict()
+        for n in prompt_tokens:
+            if n + 32 > self.engine.max_model_len:
+                continue
+            ts = []
+            for _ in range(repeats):
+                rid = self.rid("adm")
+                buf = encode(Generate(rid, self.random_ids(n), sp))
+                t = time.perf_counter()
+                core.handle(decode(buf))
+                ts.append(time.perf_counter() - t)
+                eng.abort_request(rid)
+            self.clear()
+            adm.append((n, statistics.median(ts)))
+        return {"decode_ctx": ctx, "batch": [r[0] for r in rows], "engine_step_s": [r[1] for r in rows],
+                "worker_step_s": [r[2] for r in rows], "admission_tokens": [a[0] for a in adm],
+                "admission_s": [a[1] for a in adm]}
+
     # -- mixed
     def mixed_step_time(self, prefill_tokens: int, decode_batch: int, decode_ctx: int, repeats: int = 3) -> float:
         """Wall time of one step holding a fresh prefill of `prefill_tokens` and `decode_batch` decodes."""

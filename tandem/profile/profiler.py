@@ -155,6 +155,15 @@ def profile_engine(engine, plan: ProfilePlan, *, model: str, preset: str | None,
         prof.extra["mixed_model"] = best
         prof.extra["mixed_check"] = {"points": checks, "mean_abs_rel_err": err}
         log(f"  mixed-step model errors: {err} -> {best}")
+    try:                          # the worker's own host time (informational; the sim's knobs come from
+        wo = probe.worker_overhead()  # python -m tandem.sim.calibrate on a real run)
+        prof.extra["worker_overhead"] = wo
+        log("  worker adds per decode step: " + ", ".join(
+            f"b={b} {(w - e) * 1e3:.3f} ms" for b, e, w in zip(wo["batch"], wo["engine_step_s"], wo["worker_step_s"]))
+            + "; admission: " + ", ".join(f"{n} tok {t * 1e3:.2f} ms" for n, t in zip(wo["admission_tokens"],
+                                                                                   wo["admission_s"])))
+    except Exception as e:  # noqa: BLE001 - optional measurement (e.g. pyzmq missing)
+        log(f"  worker overhead not measured: {type(e).__name__}: {e}")
     prof.extra["profile_s"] = time.perf_counter() - t_all
     return prof
 

@@ -200,6 +200,23 @@ def admission_quantiles(samples: list[StepSample], fit: dict, floor_s: float, po
     return out
 
 
+def worker_part(profile) -> dict | None:
+    """The worker process's own share, measured in process by `tandem profile` (``worker_overhead``):
+    a_w + s_w * b fitted to (WorkerCore.step - Engine.step) per batch, and the mean admission time.
+    For comparison with what the real run's timeline says (the rest is frontend, GC, contention)."""
+    wo = profile.raw.get("worker_overhead") if hasattr(profile, "raw") else None
+    if not isinstance(wo, dict) or len(wo.get("batch") or []) < 2:
+        return None
+    rows = [[1.0, float(b)] for b in wo["batch"]]
+    ys = [w - e for e, w in zip(wo["engine_step_s"], wo["worker_step_s"])]
+    try:
+        a, sq = _solve(rows, ys)
+    except ValueError:
+        return None
+    adm = wo.get("admission_s") or []
+    return {"step_s": a, "seq_s": sq, "admission_s": sum(adm) / len(adm) if adm else None}
+
+
 # ----------------------------------------------------------------------------- calibrations
 def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[dict, dict, list]:
     """(serving overheads in seconds + fit info, sim report, history): method `steps`."""
@@ -214,6 +231,11 @@ def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[d
         log(f"{fit['steps']} busy steps: real {fit['busy_s']:.2f} s, profile {fit['profile_s']:.2f} s -> "
             f"a {fit['step_s'] * 1e3:.3f} ms/step, s {fit['seq_s'] * 1e3:.4f} ms/seq, "
             f"n {fit['new_s'] * 1e3:.3f} ms/new request (residual rms {fit['resid_rms_s'] * 1e3:.2f} ms)")
+    wp = worker_part(prof)
+    if log and wp:
+        log(f"of which the worker process, measured in process by tandem profile: a_w {wp['step_s'] * 1e3:.3f} ms/step, "
+            f"s_w {wp['seq_s'] * 1e3:.4f} ms/seq, admission {(wp['admission_s'] or 0) * 1e3:.3f} ms/request")
+    fit["worker_part"] = wp
     # admission time: its measured distribution (the TTFT tail lives there), else the fitted mean;
     # a prefill step is never charged less than half the profile's shortest prefill
     fit["new_q"] = admission_quantiles(samples, fit, -0.5 * min(prof.raw["prefill"]["time_s"]))

@@ -146,3 +146,15 @@ def test_serving_overhead_section(profile_dict):
                 {"new_q": ["a", 1]}):
         with pytest.raises(ProfileError, match="serving_overhead"):
             SimProfile(dict(profile_dict, serving_overhead=bad))
+
+
+def test_worker_part_of_a_profile(profile_dict):
+    """calibrate's comparison line: a_w + s_w*b fitted to tandem profile's in-process worker timings."""
+    from tandem.sim.calibrate import worker_part
+    assert worker_part(SimProfile(profile_dict)) is None
+    wo = {"batch": [1, 8, 32], "engine_step_s": [0.002, 0.003, 0.004],
+          "worker_step_s": [0.002 + 1e-4 + 2e-5, 0.003 + 1e-4 + 8 * 2e-5, 0.004 + 1e-4 + 32 * 2e-5],
+          "admission_tokens": [128, 1024], "admission_s": [0.001, 0.003]}
+    wp = worker_part(SimProfile(dict(profile_dict, worker_overhead=wo)))
+    assert wp["step_s"] == pytest.approx(1e-4) and wp["seq_s"] == pytest.approx(2e-5)
+    assert wp["admission_s"] == pytest.approx(0.002)
