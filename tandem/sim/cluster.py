@@ -44,6 +44,7 @@ from tandem.common.errors import TandemError
 from tandem.common.sampling import SamplingParams
 from tandem.engine.sim_engine import IDLE, SIM_TOKEN, WINDOW, SimEngine, SimEngineConfig, SimKVExport
 from tandem.sim.profile import SimProfile
+from tandem.sim.stream import RecordColumns
 
 EV_WORKER, EV_XFER, EV_LIFE, EV_PUBLISH, EV_TIMELINE, EV_PLANNER, EV_CALL = range(7)
 ROLES = ("prefill", "decode", "both")
@@ -68,6 +69,7 @@ class ClusterConfig:
     max_concurrency: int | None = None        # client-side cap on requests in flight (tandem bench's)
     token_times: str = "all"                  # all | none | every:K (keep per-token times of every K-th request)
     router_impl: str = "indexed"              # indexed (tandem.sim.fastrouter) | base (KvRouter as is)
+    keep_records: bool = True                 # False: finished requests go to `columns` (bounded memory)
     seed: int = 0
     engine: SimEngineConfig = field(default_factory=SimEngineConfig)
 
@@ -198,12 +200,14 @@ class SimCluster:
         self.now = 0.0
         self.heap: list = []
         self._seq = 0
+        base = getattr(requests, "base", requests)     # a lazy ReplicatedRequests: its one copy
         self.router = make_router(config.router_mode, config.seed, config.router_impl,
-                                  shared_prefixes=any(r.hash_ids for r in requests))
+                                  shared_prefixes=any(r.hash_ids for r in base))
         self.rng = random.Random(config.seed)
         self.workers: list[SimWorker] = []
         self.by_name: dict[str, SimWorker] = {}
         self.reqs: list[SimReq] = []
+        self.columns = None if config.keep_records else RecordColumns()
         self.pending: deque = deque()            # requests waiting for a prefill/both worker
         self.client_queue: deque = deque()       # requests waiting for a client concurrency slot
         self.pending_decode: deque = deque()     # prefilled requests waiting for a decode worker
@@ -310,7 +314,8 @@ class SimCluster:
 
     def _arrive(self, br, t: float) -> None:
         sr = SimReq(br, f"r{br.idx}", t)
-        self.reqs.append(sr)
+        if self.columns is None:
+            self.reqs.append(sr)
         if self._times_every and br.idx % self._times_every == 0:
             sr.times = []
         cap = self.cfg.max_concurrency
@@ -377,6 +382,8 @@ class SimCluster:
         self.failed += 1
         if sr.t_last is None:
             sr.t_last = self.now
+        if self.columns is not None:
+            self.columns.add(sr.br, sr.lag, False, None, sr.t_last, 0, None, None, kind)
         if self.client_queue:
             self._slot_freed()
 
@@ -434,6 +441,8 @@ class SimCluster:
         sr.hashes = None
         self.completed += 1
         self.out_tokens += n_out
+        if self.columns is not None:
+            self.columns.add(sr.br, sr.lag, True, sr.t_first, t, n_out, sr.cached, sr.times)
         if self.client_queue:
             self._slot_freed()
         if self.window is not None:
@@ -663,7 +672,9 @@ class SimCluster:
             self._push(self.cfg.planner_tick_s, EV_PLANNER, None)
         ai = 0
         inf = math.inf
-        t_arr = reqs[0].arrival_s + ovh if n else inf
+        it = iter(reqs)                         # a list, or generated in arrival order (stream.py)
+        nxt = next(it, None)
+        t_arr = nxt.arrival_s + ovh if nxt is not None else inf
         pop = heapq.heappop
         gc_was = gc.isenabled()
         gc.collect()
@@ -706,9 +717,10 @@ class SimCluster:
                             obj[0](*obj[1])
                     elif ai < n:
                         self.now = t_arr
-                        self._arrive(reqs[ai], t_arr)
+                        self._arrive(nxt, t_arr)
                         ai += 1
-                        t_arr = reqs[ai].arrival_s + ovh if ai < n else inf
+                        nxt = next(it, None)
+                        t_arr = nxt.arrival_s + ovh if nxt is not None else inf
                     else:
                         break
             finally:

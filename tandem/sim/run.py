@@ -23,6 +23,7 @@ from dataclasses import replace
 from tandem.engine.sim_engine import SimEngineConfig
 from tandem.sim.cluster import ClusterConfig, SimCluster
 from tandem.sim.profile import SimProfile
+from tandem.sim.stream import ReplicatedRequests, report_from_columns
 
 TOKEN_TIMES_BUDGET = 3_000_000     # per-token times kept in the report by --token-times auto
 
@@ -38,9 +39,10 @@ def plan(args) -> tuple[list, dict]:
     reqs, info = plan_requests(args)
     R = int(getattr(args, "replicate", 1) or 1)
     if R > 1:
-        reqs = replicate(reqs, R, getattr(args, "replicate_shift", "random"), args.seed)
         info["replicate"] = R
         info["replicate_shift"] = getattr(args, "replicate_shift", "random")
+        # = finalize(replicate(...)), generated lazily: millions of requests in bounded memory
+        return ReplicatedRequests(tr.finalize(reqs), R, info["replicate_shift"], args.seed), info
     reqs = tr.finalize(reqs)
     return reqs, info
 
@@ -148,7 +150,7 @@ def make_planner(args, profile: SimProfile, n_gpus: int):
 
 def token_times_mode(spec: str, reqs: list) -> str:
     if spec == "auto":
-        total = sum(r.osl for r in reqs)
+        total = sum(r.osl for r in getattr(reqs, "base", reqs)) * getattr(reqs, "R", 1)
         if total <= TOKEN_TIMES_BUDGET:
             return "all"
         return f"every:{math.ceil(total / TOKEN_TIMES_BUDGET)}"
@@ -195,7 +197,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
     roles = roles_from_args(args)
     caching = args.prefix_caching
     if caching == "auto":
-        caching = "on" if any(r.hash_ids for r in reqs) else "off"
+        caching = "on" if any(r.hash_ids for r in getattr(reqs, "base", reqs)) else "off"
     bs = args.block_size or profile.block_size
     ecfg = SimEngineConfig(
         block_size=bs, num_kv_blocks=args.kv_blocks, max_num_seqs=args.max_num_seqs,
@@ -212,7 +214,8 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         local_prefill_tokens=args.local_prefill_tokens, request_overhead_s=ovh["request_ms"] / 1e3,
         max_concurrency=getattr(args, "max_concurrency", None),
         token_times=tt, seed=args.seed, engine=ecfg,
-        router_impl=getattr(args, "router_impl", "indexed"))
+        router_impl=getattr(args, "router_impl", "indexed"),
+        keep_records=getattr(args, "records", "all") != "none")
     planner, planner_cfg = make_planner(args, profile, len(roles))
     slo_by_class = _parse_slos(args.slo or [])
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
@@ -238,7 +241,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         "server_is_tandem": True,
         "cluster_polled": True,
         **src_info,
-        "plan": _shape(reqs),
+        "plan": reqs.shape(_shape) if isinstance(reqs, ReplicatedRequests) else _shape(reqs),
         "time_scale": args.time_scale,
         "trace_start_s": args.trace_start,
         "duration_limit_s": args.duration,
@@ -298,9 +301,10 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
             "kv_leaks": cluster.leaks(),
         },
     }
-    report = build_report(config, records, cluster.timeline)
-    if getattr(args, "records", "all") == "none":
-        report["requests"] = []
+    if cluster.columns is not None:          # --records none: the summary from columns
+        report = report_from_columns(config, cluster.columns, cluster.timeline)
+    else:
+        report = build_report(config, records, cluster.timeline)
     return report, cluster
 
 
