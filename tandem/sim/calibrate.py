@@ -184,6 +184,22 @@ def fit_step_overheads(samples: list[StepSample]) -> dict:
     return fit
 
 
+def by_batch(samples: list[StepSample], fit: dict, width: int = 8) -> list[tuple]:
+    """(batch bin, steps, real mean ms, profile mean ms, model mean ms) of the steps that admitted
+    nobody: how well T_profile + a + s*b follows the real step time across batch sizes."""
+    bins: dict[int, list] = {}
+    for x in samples:
+        if x.n_new == 0:
+            bins.setdefault(x.n_seqs // width * width, []).append(x)
+    out = []
+    for b in sorted(bins):
+        v = bins[b]
+        n = len(v)
+        out.append((b, n, 1e3 * sum(x.gap_s for x in v) / n, 1e3 * sum(x.model_s for x in v) / n,
+                    1e3 * sum(x.model_s + fit["step_s"] + fit["seq_s"] * x.n_seqs for x in v) / n))
+    return out
+
+
 def admission_quantiles(samples: list[StepSample], fit: dict, floor_s: float, points: int = 21,
                         min_steps: int = 20) -> list[float] | None:
     """Quantiles (p0..p100 in `points` steps) of the admission time n seen in steps that admitted one
@@ -231,6 +247,10 @@ def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[d
         log(f"{fit['steps']} busy steps: real {fit['busy_s']:.2f} s, profile {fit['profile_s']:.2f} s -> "
             f"a {fit['step_s'] * 1e3:.3f} ms/step, s {fit['seq_s'] * 1e3:.4f} ms/seq, "
             f"n {fit['new_s'] * 1e3:.3f} ms/new request (residual rms {fit['resid_rms_s'] * 1e3:.2f} ms)")
+    if log:
+        log("decode-only steps by batch: " + "; ".join(
+            f"b {b}-{b + 7}: {n} steps, real {r:.2f} ms, profile {p:.2f}, model {m:.2f}"
+            for b, n, r, p, m in by_batch(samples, fit)))
     wp = worker_part(prof)
     if log and wp:
         log(f"of which the worker process, measured in process by tandem profile: a_w {wp['step_s'] * 1e3:.3f} ms/step, "
