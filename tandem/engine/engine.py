@@ -160,8 +160,9 @@ class Engine:
             ahead = self._ahead_batch(prev) if self.async_scheduling else None
             if ahead is not None:
                 launched = self._launch_ahead(prev, *ahead)
-            outputs += self._read(prev, launched)
-            if launched is not None and not any(self._alive(r) for r in launched.reqs):
+            outs, stopped = self._read(prev, launched)
+            outputs += outs
+            if launched is not None and stopped == len(launched.reqs):
                 launched = None               # all stopped at `prev`: nothing to wait for
         else:
             ahead = None
@@ -174,7 +175,7 @@ class Engine:
             if self.async_scheduling and launched.raw_lp is None:
                 self._inflight = launched
             else:
-                outputs += self._read(launched, None)
+                outputs += self._read(launched, None)[0]
         self._stats.steps += 1
         self._stats.last_step_s = time.perf_counter() - t0
         return outputs
@@ -206,21 +207,26 @@ class Engine:
         sched = self.scheduler
         if sched.waiting or not sched.running:
             return None
-        in_prev = {id(r) for r in prev.reqs}
-        if any(id(r) not in in_prev for r in sched.running):
-            return None                       # a prefill chunk (or a request of an older step) is running
-        reqs, rows, need = [], [], 0
+        reqs, rows, need, alive = [], [], 0, 0
+        live = self.requests
+        max_len, bs = self.max_model_len, self.kv.block_size
         for i, r in enumerate(prev.reqs):
-            if not self._alive(r):
-                continue
+            if r.status is not Status.RUNNING or live.get(r.request_id) is not r:
+                continue                      # aborted since `prev` was launched
+            alive += 1
             p = r.params
             if r.hold_kv or p.logprobs is not None:
                 return None
-            if r.num_output_tokens + 1 >= p.max_tokens or r.num_tokens + 1 >= self.max_model_len:
+            n = len(r.all_token_ids)
+            if len(r.output_token_ids) + 1 >= p.max_tokens or n + 1 >= max_len:
                 continue                      # `prev` gives its last token
-            need += self.kv.blocks_needed(r.num_tokens + 1) - len(r.block_table)
+            need += (n + bs) // bs - len(r.block_table)          # blocks for n + 1 tokens
             reqs.append(r)
             rows.append(i)
+        # `prev`'s live requests are running; if they are not all the running ones, a prefill chunk (or a
+        # request of an older step) is running too: that goes through the scheduler
+        if alive != len(sched.running):
+            return None
         if not reqs or len(reqs) > sched.max_num_batched_tokens or need > self.kv.pool.num_free:
             return None
         return reqs, rows
@@ -239,29 +245,34 @@ class Engine:
     def _alive(self, req: Request) -> bool:
         return req.status == Status.RUNNING and self.requests.get(req.request_id) is req
 
-    def _read(self, st: StepInFlight, nxt: StepInFlight | None) -> list[RequestOutput]:
+    def _read(self, st: StepInFlight, nxt: StepInFlight | None) -> tuple[list[RequestOutput], int]:
         """Wait for a launched step's ids and do its host work. Rows of requests that ended meanwhile
         (aborted, or stopped at the step before when this one ran ahead) are dropped. Requests also in
-        `nxt` (launched ahead, computing the token read here) count that token as computed."""
+        `nxt` (launched ahead, computing the token read here) count that token as computed. Returns
+        the outputs and how many requests of `nxt` finished here."""
         toks = self.runner.host_ids.get(st.host)
         lps = logprob_dicts(st.raw_lp, st.rows, toks) if st.raw_lp is not None else None
         ahead = {id(r) for r in nxt.reqs} if nxt is not None else ()
         outputs = []
+        stopped = 0
         for i, (req, tok) in enumerate(zip(st.reqs, toks)):
             if not self._alive(req):
                 continue
             finished = self._on_token(req, tok, lps[i] if lps else None)
-            if not finished and id(req) in ahead:
-                req.num_computed_tokens += 1
-                self.kv.cache_full_blocks(req)
+            if id(req) in ahead:
+                if finished:
+                    stopped += 1
+                else:
+                    req.num_computed_tokens += 1
+                    self.kv.cache_full_blocks(req)
             outputs.append(self._make_output(req, finished))
-        return outputs
+        return outputs, stopped
 
     def _drain(self) -> None:
         """Finish the step in flight now; its outputs wait in `_pending` for the next `step()`."""
         st, self._inflight = self._inflight, None
         if st is not None:
-            self._pending += self._read(st, None)
+            self._pending += self._read(st, None)[0]
 
     def _unsend(self, req: Request) -> None:
         """Take a request's unfinished deltas back out of `_pending` (detach returns them in its own)."""
@@ -284,10 +295,13 @@ class Engine:
     def _sample_row(self, req: Request, ahead: int = 0) -> SampleRow:
         """`ahead`: tokens the request has produced that the host has not seen yet."""
         p = req.params
-        banned: list[int] = []
-        if req.num_output_tokens + ahead < p.min_tokens:
+        if len(req.output_token_ids) + ahead < p.min_tokens:
             banned = list(self.tokenizer.eos_token_ids) + list(p.stop_token_ids)
-        return SampleRow(p.temperature, p.top_k, p.top_p, req.generator, banned, p.logprobs)
+            return SampleRow(p.temperature, p.top_k, p.top_p, req.generator, banned, p.logprobs)
+        row = req.sample_row
+        if row is None:
+            row = req.sample_row = SampleRow(p.temperature, p.top_k, p.top_p, req.generator, [], p.logprobs)
+        return row
 
     def _on_token(self, req: Request, tok: int, lp: dict | None) -> bool:
         """Append a sampled token, apply the stop rules; True when the request finished."""
@@ -295,7 +309,7 @@ class Engine:
         self._stats.generated_tokens += 1
         if lp is not None:
             req.pending_logprobs.append(lp)
-        req.text += req.detok.push([tok])
+        req.text += req.detok.push(tok)
         p = req.params
         n_out = req.num_output_tokens
         stopped_by_string = False

@@ -41,6 +41,7 @@ class Request:
     # per-request output state (set by the engine)
     detok: object = None
     generator: object = None
+    sample_row: object = None             # the engine's cached SampleRow (once no token is banned)
     text: str = ""
     sent_text_len: int = 0
     pending_logprobs: list = field(default_factory=list)
