@@ -12,7 +12,7 @@
 #   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 SLICES="A:0 B:600" \
 #       PROFILE=profiles/h100_llama-3.2-1b.json bash benchmarks/validate_sim.sh   # CPU dry run
 # Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600": name:trace
-# start in s, the first one calibrates; the conv trace is 1,753 s long), START_WARMUP (1600), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine
+# start in s, the first one calibrates; the conv trace is 1,753 s long), START_WARMUP (1600), N_WARMUP (100), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine
 # flags), PORT, OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -59,8 +59,8 @@ trap 'kill $SRV 2>/dev/null' EXIT
 for i in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
 curl -sf "http://127.0.0.1:$PORT/health" || { echo "server did not come up"; tail -20 "$OUT/serve.log"; exit 1; }; echo
 BENCH="python3 -m tandem.cli bench --url http://127.0.0.1:$PORT --model m --no-progress"
-# warm-up (first prefills and batch shapes), not measured
-$BENCH --trace "$TRACE" --max-requests 40 --time-scale "$SCALE" --trace-start "${START_WARMUP:-1600}" --max-isl "$MAX_ISL" \
+# warm-up (first-use compilation of prefill shapes: 0.2-1.2 s stalls in the first seconds of a run), not measured
+$BENCH --trace "$TRACE" --max-requests "${N_WARMUP:-100}" --time-scale "$SCALE" --trace-start "${START_WARMUP:-1600}" --max-isl "$MAX_ISL" \
     --max-osl 32 --jitter 0 --out "$OUT/warmup.json" > "$OUT/warmup.log" 2>&1 || tail -3 "$OUT/warmup.log"
 for SL in $SLICES; do
     S=${SL%%:*}; START=${SL#*:}
