@@ -94,6 +94,7 @@ class RequestHandle:
         self.retries = 0
         self.phase = "single"            # "single" | "prefill" (remote prefill) | "decode" (after handoff)
         self.output_token_ids: list[int] = []   # tokens streamed so far (for handoff / migration)
+        self.unsent_text_chars = 0       # first token's text held back at a handoff (stop strings)
 
     def retryable(self) -> bool:
         return self.n_yielded == 0 and self.attempts <= self.client.max_retries
@@ -345,7 +346,8 @@ class EngineClient:
                 return False
         g = Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority,
                      output_token_ids=list(h.output_token_ids),
-                     kv_source={"addr": source.kv_addr, "request_id": h.request_id} if source.kv_addr else None)
+                     kv_source={"addr": source.kv_addr, "request_id": h.request_id} if source.kv_addr else None,
+                     unsent_text_chars=h.unsent_text_chars if reason == "handoff" else 0)
         h.phase = "decode"
         if reason == "handoff":
             self.num_handoffs += 1
@@ -452,6 +454,7 @@ class EngineClient:
                 # remote prefill done: the first token goes to the client now, the rest comes from decode
                 router.on_finish(wid, d.request_id)
                 d.finished, d.finish_reason = False, None
+                self._hold_back_stop_prefix(h, d)
                 if not h.got_first_token:
                     h.got_first_token, h.first_token_at = True, time.monotonic()
                 h.queue.put_nowait((h.epoch, d))
@@ -474,6 +477,18 @@ class EngineClient:
                     h.first_token_at = time.monotonic()
                 router.on_tokens(wid, d.request_id, d.num_output_tokens)
             h.queue.put_nowait((h.epoch, d))
+
+    @staticmethod
+    def _hold_back_stop_prefix(h: RequestHandle, d: Delta) -> None:
+        """The prefill worker ran without stop strings (the decode worker applies them to the whole text),
+        so its first token's text arrives unheld. Hold back its last (longest stop - 1) characters, as the
+        engine does in aggregated serving, and let the decode worker stream them: a stop string that
+        starts in the first token and ends in a later one is then never shown."""
+        stops = h.sampling.get("stop") or []
+        keep = min(len(d.new_text), max((len(s) for s in stops), default=1) - 1)
+        h.unsent_text_chars = keep
+        if keep > 0:
+            d.new_text = d.new_text[:-keep]
 
     def _on_migrated(self, m: Migrated) -> None:
         h = self.handles.get(m.request_id)

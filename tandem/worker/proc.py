@@ -118,6 +118,8 @@ class WorkerCore:
                 kw["kv_import"] = kv
             self.engine.add_request(rid, list(g.prompt_token_ids), params, g.priority, **kw)
             self.active.add(rid)
+            if g.unsent_text_chars and g.output_token_ids:
+                self._unsend_text(rid, g.unsent_text_chars)
         except TandemError as e:
             self.send(Deltas(self.worker_id, [Delta.failure(rid, str(e), e.http_status, e.code,
                                                             getattr(e, "param", None))]))
@@ -127,6 +129,14 @@ class WorkerCore:
         except Exception as e:  # noqa: BLE001 - a bad request must not kill the worker
             log.exception("worker %s: add_request(%s) failed", self.worker_id, rid)
             self.send(Deltas(self.worker_id, [Delta.failure(rid, f"worker error: {e}")]))
+
+    def _unsend_text(self, rid: str, n: int) -> None:
+        """The engine counts the resumed tokens' text as already streamed; the frontend held back its
+        last `n` characters (a possible stop-string start), so stream them from here, with the engine's
+        own hold-back and stop-string checks."""
+        req = getattr(self.engine, "requests", {}).get(rid)
+        if req is not None and hasattr(req, "sent_text_len"):
+            req.sent_text_len = max(0, req.sent_text_len - n)
 
     def poll_transfers(self) -> None:
         """Add the requests whose KV arrived (or failed: they recompute). Call with the lock held."""

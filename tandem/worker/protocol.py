@@ -26,6 +26,8 @@ class Generate:
     hold_kv: bool = False                # prefill worker keeps KV for export (disaggregation)
     output_token_ids: list[int] | None = None   # resume a generation started elsewhere
     kv_source: dict | None = None        # {"addr", "request_id"}: fetch this request's KV from a peer first
+    unsent_text_chars: int = 0           # trailing chars of output_token_ids' text the client has not seen
+    #                                      (held back: they may start a stop string); this worker streams them
 
 
 @dataclass

@@ -111,3 +111,32 @@ def test_killing_prefill_worker_loses_no_request(llama_dir):
         assert complete(s, ps[0], 24)["choices"][0]["token_ids"] == ref[0].token_ids
     finally:
         s.stop()
+
+
+def test_stop_string_spanning_the_handoff_is_never_streamed(disagg, llama_dir):
+    """The first token comes from the prefill worker, the rest from the decode worker: a stop string that
+    starts in the first token's text and ends in the second must not leak its start to the client."""
+    import openai
+    llm = LLM(llama_dir, device="cpu")
+    case = None
+    for seed in range(40):
+        p = prompts(1, 30, 100 + seed)[0]
+        full = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))[0].text
+        first = llm.generate([p], SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))[0].text
+        if first and len(full) > len(first) and full.startswith(first):
+            stop = first[-1] + full[len(first)]
+            if full.index(stop) == len(first) - 1:         # its first occurrence spans the two tokens
+                case = p, stop
+                break
+    assert case is not None, "no prompt whose first two tokens both have text"
+    p, stop = case
+    ref = llm.generate([p], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=[stop]))[0]
+    assert ref.text == first[:-1]
+    before = disagg.cluster()["totals"]["kv_handoffs"]
+    cli = openai.OpenAI(base_url=disagg.base_url, api_key="x", max_retries=0)
+    chunks = [ch.choices[0].text for ch in cli.completions.create(
+        model="tiny", prompt=p, max_tokens=8, temperature=0, stream=True, stop=[stop],
+        extra_body={"ignore_eos": True}) if ch.choices]
+    assert "".join(chunks) == ref.text
+    assert complete(disagg, p, 8, stop=[stop])["choices"][0]["text"] == ref.text       # non-streaming too
+    assert disagg.cluster()["totals"]["kv_handoffs"] == before + 2                    # both went through a handoff
