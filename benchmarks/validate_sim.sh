@@ -12,8 +12,9 @@
 #   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 SLICES="A:0 B:600" \
 #       PROFILE=profiles/h100_llama-3.2-1b.json bash benchmarks/validate_sim.sh   # CPU dry run
 # Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600": name:trace
-# start in s, the first one calibrates; the conv trace is 1,753 s long), START_WARMUP (1600), N_WARMUP (100), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine
-# flags), PORT, OUT.
+# start in s, the first one calibrates; the conv trace is 1,753 s long), START_WARMUP (1600), N_WARMUP
+# (100), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine flags),
+# PORT, OUT.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
@@ -40,17 +41,20 @@ stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 # 1. profile (same engine, same GPU, same call)
 if [ -z "${PROFILE:-}" ]; then
     stamp "tandem profile"
-    if python3 -m tandem.cli profile --model "$MODEL" --preset "$PRESET" --out "$OUT/profile.json" > "$OUT/profile.log" 2>&1; then
+    if timeout 300 python3 -m tandem.cli profile --model "$MODEL" --preset "$PRESET" --out "$OUT/profile.json" \
+            > "$OUT/profile.log" 2>&1; then
         PROFILE=$OUT/profile.json
+        grep -E "decode b= *1 ctx= *1024|decode b= *32 ctx= *1024|prefill +512 tok|worker adds|not measured|^wrote" "$OUT/profile.log"
     else
         tail -5 "$OUT/profile.log"
-        PROFILE=profiles/h100_llama-3.2-1b.json
+        PROFILE=profiles/h100_$PRESET.json
+        [ -f "$PROFILE" ] || PROFILE=profiles/h100_llama-3.2-1b.json
         echo "tandem profile failed: using the checked-in $PROFILE"
     fi
 fi
 stamp "profile: $PROFILE"
 
-# 2. serve + bench A and B
+# 2. serve + bench the slices
 stamp "tandem serve"
 python3 -m tandem.cli serve --model "$MODEL" --served-model-name m --port "$PORT" --device "$DEVICE" --workers 1 $ENGINE \
     --log-level warning > "$OUT/serve.log" 2>&1 &
