@@ -332,13 +332,15 @@ class Planner:
     def _absorbable(self, need: Any, demand: Demand, P: int, G: int) -> bool:
         """Can the decode workers do all the prefill (an empty prefill pool, aggregated serving)?
         Only with min_prefill 0, when the offered prefill work is at most `aggregate_prefill_frac`
-        of the G workers' time (less by the hysteresis while a prefill pool exists, so the choice
-        does not flap) and the p90 prompt's prefill (one chunk at most) added to a decode step at
-        the current batch keeps the step within the TPOT target."""
+        of the G workers' time and the p90 prompt's prefill (one chunk at most) added to a decode
+        step at the current batch keeps the step within the TPOT target. The fraction has a wide
+        band against flapping (the predicted prompt load lags a swing by a few ticks): a prefill
+        pool empties below frac x (1 - h) and comes back above frac x (1 + 2h)."""
         cfg = self.cfg
         if cfg.min_prefill > 0 or G < max(cfg.min_decode, 1):
             return False
-        frac = cfg.aggregate_prefill_frac * (1.0 if P == 0 else 1.0 - cfg.hysteresis)
+        frac = cfg.aggregate_prefill_frac * (1.0 + 2.0 * cfg.hysteresis if P == 0
+                                             else 1.0 - cfg.hysteresis)
         if nonneg(need.info.get("offered_workers")) > frac * G:
             return False
         isl = max(self._isl_p90, nonneg(demand.isl))

@@ -10,6 +10,7 @@ The two servers run side by side so the module takes about 60 s, not 60 s plus t
 """
 import concurrent.futures as cf
 import json
+import os
 import random
 import re
 import threading
@@ -31,7 +32,7 @@ def cpu_profile(model_dir, out):
     from tandem.profile.profiler import ProfilePlan, profile_engine
     plan = ProfilePlan(prefill_tokens=(16, 64, 256, 1024), ctx_cached=(0, 256), ctx_new_tokens=64,
                        decode_batches=(1, 4, 16, 32), decode_contexts=(64, 256), decode_steps=3,
-                       mixed_points=((64, 4, 128),), repeats=1)
+                       mixed_points=((64, 4, 128),), repeats=2)
     t = time.perf_counter()
     eng = Engine(EngineConfig(model_dir, device="cpu", max_num_seqs=64, max_model_len=2048))
     p = profile_engine(eng, plan, model=model_dir, preset="tiny", command="tests/disagg/test_planner_server.py",
@@ -44,7 +45,7 @@ def cpu_profile(model_dir, out):
 def planner_flags(prof):
     return ["--prefill", "1", "--decode", "1", "--planner", "--planner-profile", prof,
             "--slo-ttft-ms", "300", "--slo-tpot-ms", "60", "--planner-tick-s", "0.25", "--planner-window-s", "2",
-            "--planner-min-dwell-s", "2", "--planner-cooldown-s", "0.5", "--planner-reverse-cooldown-s", "2",
+            "--planner-min-dwell-s", "2", "--planner-cooldown-s", "0.5", "--planner-reverse-cooldown-s", "3",
             "--planner-peak-window-s", "2", "--planner-donor-memory-s", "2",
             "--local-prefill-max-tokens", "32", "--max-num-batched-tokens", "512", "--max-num-seqs", "8"]
 
@@ -79,29 +80,41 @@ def metrics(s) -> dict:
     return out
 
 
-def run_phase(s, seconds, n_clients, isl, osl, results, tag):
+def run_phase(s, seconds, groups, results, tag):
     """Closed-loop clients with the official openai client (no client retries: a retry would hide
-    an error or make a duplicate)."""
+    an error or make a duplicate). `groups`: (clients, prompt tokens, output tokens, stream)."""
     stop = time.monotonic() + seconds
+    specs = [(f"{tag}{'s' if stream else ''}", isl, osl, stream) for n, isl, osl, stream in groups for _ in range(n)]
 
     def client(k):
+        name, isl, osl, stream = specs[k]
         c = OpenAI(base_url=s.base_url, api_key="none", max_retries=0, timeout=120)
-        rng = random.Random(f"{tag}-{k}")
+        rng = random.Random(f"{name}-{k}")
         i = 0
         while time.monotonic() < stop:
-            tag_id = f"{tag}-{k}-{i}"
+            tag_id = f"{name}-{k}-{i}"
             prompt = [rng.randrange(10, 250) for _ in range(isl)]
+            kw = dict(model="tiny", prompt=prompt, max_tokens=osl, temperature=0, extra_body={"ignore_eos": True})
             try:
-                r = c.completions.create(model="tiny", prompt=prompt, max_tokens=osl, temperature=0,
-                                         extra_body={"ignore_eos": True})
-                results.append((tag_id, osl, r.id, r.usage.completion_tokens, len(r.choices), None))
+                if stream:
+                    ids, n_tok, n_choices = set(), None, 1
+                    for ch in c.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+                        ids.add(ch.id)
+                        if ch.usage is not None:
+                            n_tok = ch.usage.completion_tokens
+                    assert len(ids) == 1, ids
+                    rid = ids.pop()
+                else:
+                    r = c.completions.create(**kw)
+                    rid, n_tok, n_choices = r.id, r.usage.completion_tokens, len(r.choices)
+                results.append((tag_id, osl, rid, n_tok, n_choices, None))
             except Exception as e:  # noqa: BLE001 - every error is a test failure, reported below
                 results.append((tag_id, osl, None, None, 0, repr(e)))
             i += 1
         c.close()
 
-    with cf.ThreadPoolExecutor(n_clients) as ex:
-        list(ex.map(client, range(n_clients)))
+    with cf.ThreadPoolExecutor(len(specs)) as ex:
+        list(ex.map(client, range(len(specs))))
 
 
 def test_swing_flips_roles_and_back_losing_nothing(servers):
@@ -123,11 +136,12 @@ def test_swing_flips_roles_and_back_losing_nothing(servers):
     w.start()
     t0 = time.monotonic()
     try:
-        run_phase(s, 6, 8, 1500, 4, results, "sum1")          # summarization-heavy: prefill-bound
+        run_phase(s, 6, [(8, 1500, 4, False)], results, "sum1")          # summarization-heavy: prefill-bound
         t_chat = time.monotonic()
-        run_phase(s, 14, 24, 16, 64, results, "chat")          # chat-heavy: decode-bound
+        run_phase(s, 14, [(24, 16, 64, False)], results, "chat")         # chat-heavy: decode-bound
         t_sum2 = time.monotonic()
-        run_phase(s, 12, 8, 1500, 4, results, "sum2")          # summarization again
+        # summarization again, with streamed chat in flight while a decode worker flips to prefill
+        run_phase(s, 12, [(8, 1500, 4, False), (2, 16, 200, True)], results, "sum2")
     finally:
         watching = False
         w.join()
@@ -135,6 +149,9 @@ def test_swing_flips_roles_and_back_losing_nothing(servers):
     c = s.cluster()
     pl = c["planner"]
     flips = pl["flips"]
+    if os.environ.get("TANDEM_PLANNER_TEST_DUMP"):           # /v1/cluster at the end, for post-mortems
+        with open(os.environ["TANDEM_PLANNER_TEST_DUMP"], "w") as f:
+            json.dump(c, f)
     why = (flips, wall, [d for d in pl["decisions"] if d["action"] == "flip"][-4:], s.logs()[-2000:])
     # at least one flip each way, seen in the planner, /metrics and the roles themselves
     assert flips["prefill->decode"] >= 1 and flips["decode->prefill"] >= 1, why
@@ -151,7 +168,7 @@ def test_swing_flips_roles_and_back_losing_nothing(servers):
     ids = [r[2] for r in results]
     assert len(tags) == len(set(tags)) and len(ids) == len(set(ids))
     assert all(r[3] == r[1] and r[4] == 1 for r in results), [r for r in results if r[3] != r[1]][:3]
-    assert {t.split("-")[0] for t in tags} == {"sum1", "chat", "sum2"}
+    assert {t.split("-")[0] for t in tags} == {"sum1", "chat", "sum2", "sum2s"}
     # the server ran each request once: no retry, no dead worker; in-flight work moved with its KV
     tot = c["totals"]
     assert tot["requests_retried"] == 0 and tot["worker_deaths"] == 0, tot
