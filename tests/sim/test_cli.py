@@ -150,3 +150,24 @@ def test_calibration_p50_method(profile_path, tmp_path):
     last = hist[-1]
     assert last["step_overhead_ms"] == pytest.approx(3.0, abs=0.4)
     assert last["request_overhead_ms"] == pytest.approx(4.0, abs=1.5)
+
+
+def test_step_timeline_survives_receive_jitter(profile_path, tmp_path):
+    """Client receive times are not step-exact: with up to 0.15 ms of jitter on every chunk the step
+    clusters, and so the measured overheads, stay put."""
+    import random
+
+    from tandem.sim.calibrate import fit_step_overheads, step_samples
+    from tandem.sim.profile import SimProfile
+    real = tmp_path / "real.json"
+    assert main(["--workload", "chat", "--rate", "4", "--duration", "20", "--seed", "3", "--gpus", "1",
+                 "--profile", profile_path, "--step-overhead-ms", "1", "--seq-overhead-ms", "0.3",
+                 "--new-overhead-ms", "2", "--out", str(real), "--quiet"]) == 0
+    rep = json.loads(real.read_text())
+    rng = random.Random(0)
+    for r in rep["requests"]:
+        r["token_times_s"] = [t + rng.uniform(0, 1.5e-4) for t in r["token_times_s"]]
+    fit = fit_step_overheads(step_samples(rep, SimProfile.load(profile_path)))
+    assert fit["step_s"] == pytest.approx(1e-3, abs=2e-4)
+    assert fit["seq_s"] == pytest.approx(3e-4, rel=0.1)
+    assert fit["new_s"] == pytest.approx(2e-3, rel=0.15)
