@@ -18,11 +18,13 @@ from tandem.worker.protocol import (Abort, Delta, Deltas, Generate, Ready, SetRo
 P = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 
 
-@pytest.fixture(scope="module")
-def engine(llama_dir):
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def engine(llama_dir, request):
+    """The engine with synchronous steps and with asynchronous scheduling (steps left in flight)."""
     from tandem.engine.config import EngineConfig
     from tandem.engine.engine import Engine
-    return Engine(EngineConfig(llama_dir, device="cpu", max_model_len=256, num_kv_blocks=64))
+    return Engine(EngineConfig(llama_dir, device="cpu", max_model_len=256, num_kv_blocks=64,
+                               async_scheduling=request.param))
 
 
 @pytest.fixture
@@ -125,6 +127,27 @@ def test_set_role_is_reported(core):
     core.handle(SetRole("both"))
     core.handle(Shutdown())
     assert core.stopping
+
+
+def test_flip_to_decode_reports_its_drain(core, engine):
+    """A prefill worker flipped to decode still finishes its prefills held for export: the status shows
+    the flip (from, to, when, how long SetRole took) and, once those prefills are done, the drain time."""
+    import time
+    core.role = "prefill"
+    core.handle(Generate("hp", list(range(10, 60)), SamplingParams(temperature=0, max_tokens=1).to_dict(),
+                         hold_kv=True))
+    t0 = time.monotonic()
+    core.handle(SetRole("decode"))
+    f = core.status().stats["last_flip"]
+    assert (f["from"], f["to"], f["migrated"]) == ("prefill", "decode", 0)
+    assert t0 <= f["at"] <= time.monotonic() and 0 <= f["flip_s"] < 1
+    assert f["drain_s"] is None                       # the held-for-export prefill is still queued
+    _run(core)
+    st = core.status().stats
+    assert st["num_flips"] == 1 and 0 < st["last_flip"]["drain_s"] <= time.monotonic() - t0
+    engine.release_kv("hp")
+    core.handle(SetRole("both"))                      # nothing of the old role left: drained at once
+    assert core.status().stats["last_flip"]["drain_s"] is not None
 
 
 def test_serve_loop_over_zmq(engine):
