@@ -363,7 +363,7 @@ def run(args) -> int:
                   f"{reqs[-1].arrival_s:.1f} s → {cfg.endpoint_url} (model {info.model}, "
                   f"prompts: {prompts.mode}{', priority sent' if send_priority else ''})")
     wall0 = time.time()
-    records, timeline, cpu_s = _run_with_progress(cfg, reqs, prompts, info, send_priority, show_progress, err)
+    records, timeline, cpu_s, t0 = _run_with_progress(cfg, reqs, prompts, info, send_priority, show_progress, err)
     wall = time.time() - wall0
 
     config = {
@@ -372,6 +372,9 @@ def run(args) -> int:
         "label": args.label,
         "started_at": started,
         "wall_s": round(wall, 3),
+        # time 0 of the schedule on this host's CLOCK_MONOTONIC (time.monotonic), to line the run up with
+        # events a server on the same host timestamps with its own monotonic clock (planner decisions)
+        "t0_monotonic": round(t0, 6),
         "client_cpu_s": round(cpu_s, 3),
         "url": cfg.base,
         "endpoint": cfg.endpoint,
@@ -436,7 +439,7 @@ def _run_with_progress(cfg, reqs, prompts, info, send_priority, show, console):
     if not show:
         runner = Runner(cfg, reqs, prompts)
         records, timeline = asyncio.run(runner.run(info.model, send_priority))
-        return records, timeline, runner.cpu_s
+        return records, timeline, runner.cpu_s, runner.t0
     from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                TimeElapsedColumn)
     progress = Progress(TextColumn("[bold]bench"), BarColumn(bar_width=24), MofNCompleteColumn(),
@@ -452,7 +455,7 @@ def _run_with_progress(cfg, reqs, prompts, info, send_priority, show, console):
     runner = Runner(cfg, reqs, prompts, on_update=update)
     with progress:
         records, timeline = asyncio.run(runner.run(info.model, send_priority))
-    return records, timeline, runner.cpu_s
+    return records, timeline, runner.cpu_s, runner.t0
 
 
 def main(argv=None) -> int:

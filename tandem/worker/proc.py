@@ -48,6 +48,8 @@ class WorkerCore:
         self.lock = transfer.lock if transfer is not None else threading.Lock()
         self.held_kv_ttl_s = held_kv_ttl_s
         self.num_migrated = 0
+        self.num_flips = 0
+        self.last_flip: dict | None = None      # the last role flip, as reported in the status (see set_role)
         self.worker_id = worker_id
         self.role = role
         self.send = send or (lambda msg: None)
@@ -95,8 +97,32 @@ class WorkerCore:
                 self.send(Migrated(self.worker_id, rid, list(req.output_token_ids), self.transfer.addr))
                 moved += 1
         self.num_migrated += moved
+        flip_s = time.perf_counter() - t0
+        self.num_flips += 1
+        self.last_flip = {"from": old, "to": role, "at": time.monotonic() - flip_s, "flip_s": round(flip_s, 6),
+                          "drain_s": None, "migrated": moved}
+        self._check_drained()
         log.info("worker %s: role %s -> %s (%d requests migrated, %.1f ms)", self.worker_id, old, role, moved,
-                 (time.perf_counter() - t0) * 1e3)
+                 flip_s * 1e3)
+
+    def _old_role_work(self) -> int:
+        """Requests of the role this worker flipped away from that it is still computing: prefills held
+        for export after a flip to decode; decodes (and their KV fetches) after a flip to prefill."""
+        reqs = getattr(self.engine, "requests", {})
+        to = self.last_flip["to"]
+        if to == "decode":
+            return sum(1 for r in reqs.values() if getattr(r, "hold_kv", False))
+        if to == "prefill":
+            fetching = self.transfer.inflight if self.transfer is not None else 0
+            return fetching + sum(1 for r in reqs.values() if not getattr(r, "hold_kv", False))
+        return 0
+
+    def _check_drained(self) -> None:
+        """Complete `last_flip` with `drain_s` (SetRole to no old-role work left) once that is true, so
+        /v1/cluster shows how long a flip really took on the worker (monotonic clock, as the planner's)."""
+        f = self.last_flip
+        if f is not None and f["drain_s"] is None and self._old_role_work() == 0:
+            f["drain_s"] = round(time.monotonic() - f["at"], 6)
 
     def _generate(self, g: Generate) -> None:
         from tandem.common.errors import TandemError
@@ -195,6 +221,8 @@ class WorkerCore:
             if failed:
                 self.send(Deltas(self.worker_id, failed))
             return len(failed)
+        if self.last_flip is not None and self.last_flip["drain_s"] is None:
+            self._check_drained()
         if not outs:
             return 0
         deltas = []
@@ -215,6 +243,10 @@ class WorkerCore:
         stats["kv_usage"] = st.kv_usage
         stats["num_step_errors"] = self.num_step_errors
         stats["num_migrated"] = self.num_migrated
+        if self.last_flip is not None:
+            self._check_drained()
+        stats["num_flips"] = self.num_flips
+        stats["last_flip"] = dict(self.last_flip) if self.last_flip else None
         stats["num_held_kv"] = len(getattr(self.engine, "held", ()))
         if self.transfer is not None:
             stats["transfer"] = vars(self.transfer.counters)
