@@ -114,6 +114,7 @@ class IndexedKvRouter(KvRouter):
         self._indexing = index            # False: every block hash is unique to its request
         self._index: dict[int, set] = {}
         self._heaps: dict[str, list] = {}  # only the pools asked for so far
+        self._dirty: dict = {}             # id -> worker touched since the last select (insertion ordered)
         self._live = 0
         wt = self.config.weights
         self._fast = (self.config.mode == "kv" and wt.temperature <= 0 and 0 <= wt.tie_tolerance < 1
@@ -219,25 +220,42 @@ class IndexedKvRouter(KvRouter):
 
     # ------------------------------------------------------------------ heaps
     def _key(self, w: _IdxView) -> tuple:
+        """(is_full, cost without the request's terms, last_pick, id): the base properties inlined
+        (this runs for every load change of every worker)."""
         wt = self.config.weights
-        cost = wt.overlap_weight * w.prefill_blocks + wt.decode_weight * w.active_blocks
-        return (w.is_full(self.config.full_kv_usage), cost, w.last_pick, w.worker_id)
+        bs = w.block_size if w.block_size > 1 else 1
+        pf = -(-w.reported_waiting_prefill_tokens // bs)          # ceil, as prefill_blocks
+        if w.local_prefill > pf:
+            pf = w.local_prefill
+        ab = w.reported_kv_blocks_used
+        nkv = w.num_kv_blocks
+        full = len(w.active) >= w.max_num_seqs or (ab / nkv if nkv else 0.0) >= self.config.full_kv_usage
+        if w.local_active > ab:
+            ab = w.local_active
+        return (full, wt.overlap_weight * pf + wt.decode_weight * ab, w.last_pick, w.worker_id)
 
     def _touch(self, w: _IdxView) -> None:
+        """w's key may have changed. Its heap entry is pushed lazily, at the next `select`: a worker
+        touched several times between two decisions (assign, first token, finish, load report) gets
+        one entry, holding the same key the last eager push would have held."""
         if not self._fast:
             return
         w.version += 1
-        if not w.alive:
-            return
+        if self._heaps:
+            self._dirty[w.worker_id] = w
+
+    def _flush(self) -> None:
         heaps = self._heaps
-        if not heaps:
-            return
-        entry = (self._key(w), w.version, w)
-        for p in _POOLS_OF.get(w.role, ()):
-            h = heaps.get(p)
-            if h is not None:
-                heapq.heappush(h, entry)
-                self._live += 1
+        for w in self._dirty.values():
+            if not w.alive:
+                continue
+            entry = (self._key(w), w.version, w)
+            for p in _POOLS_OF.get(w.role, ()):
+                h = heaps.get(p)
+                if h is not None:
+                    heapq.heappush(h, entry)
+                    self._live += 1
+        self._dirty.clear()
         if self._live > 24 * max(16, len(self.workers)):
             self._rebuild()
 
@@ -246,6 +264,7 @@ class IndexedKvRouter(KvRouter):
         if add_pool is not None:
             pools.add(add_pool)
         self._heaps = {p: [] for p in pools}
+        self._dirty.clear()
         self._live = 0
         for w in self.workers.values():
             if w.alive:
@@ -271,6 +290,9 @@ class IndexedKvRouter(KvRouter):
         heap = self._heaps.get(pool)
         if heap is None:
             self._rebuild(pool)
+            heap = self._heaps[pool]
+        elif self._dirty:
+            self._flush()
             heap = self._heaps[pool]
         # the best worker without counting overlap: the first valid, non-excluded heap entry
         skipped = []
