@@ -14,7 +14,8 @@ runs ahead — every running request decoded in the step in flight, nothing wait
 (the scheduler never runs with a step in flight). Requests that will finish by length are left out of
 the step run ahead; one that stops on EOS / a stop id or string has one extra token computed that is
 dropped (its KV is freed with it; a seeded generator of a finished request is never used again), so
-outputs are exactly those of synchronous stepping.
+outputs are those of synchronous stepping (bit-exact where the model's numerics do not depend on the
+batch size: that extra row can put a step into the next CUDA-graph bucket).
 """
 from __future__ import annotations
 
@@ -178,13 +179,6 @@ class Engine:
                 outputs += self._read(launched, None)[0]
         self._stats.steps += 1
         self._stats.last_step_s = time.perf_counter() - t0
-        return outputs
-
-    def flush(self) -> list[RequestOutput]:
-        """Read the step in flight (if any) and return all outputs not yet returned by `step()`."""
-        with torch.inference_mode():
-            self._drain()
-        outputs, self._pending = self._pending, []
         return outputs
 
     def _launch(self, batch) -> StepInFlight | None:
