@@ -56,8 +56,10 @@ stamp "profile: $PROFILE"
 
 # 2. serve + bench the slices
 stamp "tandem serve"
-python3 -m tandem.cli serve --model "$MODEL" --served-model-name m --port "$PORT" --device "$DEVICE" --workers 1 $ENGINE \
-    --log-level warning > "$OUT/serve.log" 2>&1 &
+# GC pause log of the server's processes (benchmarks/gclog; GC_LOG=0 turns it off)
+GCENV=""; [ "${GC_LOG:-1}" = 1 ] && GCENV="TANDEM_GC_LOG_DIR=$OUT/gc PYTHONPATH=$PWD/benchmarks/gclog:$PYTHONPATH"
+env $GCENV python3 -m tandem.cli serve --model "$MODEL" --served-model-name m --port "$PORT" --device "$DEVICE" --workers 1 \
+    $ENGINE --log-level warning > "$OUT/serve.log" 2>&1 &
 SRV=$!
 trap 'kill $SRV 2>/dev/null' EXIT
 for i in $(seq 1 240); do curl -sf "http://127.0.0.1:$PORT/health" >/dev/null && break; sleep 1; done
@@ -72,7 +74,7 @@ for SL in $SLICES; do
     $BENCH $LOAD --trace-start "$START" --out "$OUT/real_$S.json" > "$OUT/bench_$S.log" 2>&1 || { tail -20 "$OUT/bench_$S.log"; exit 1; }
     grep -E "requests ok|output tok/s|TTFT p50|TTFT p90|TPOT p50|TPOT p90|dispatch lag" "$OUT/bench_$S.log"
 done
-kill $SRV; wait $SRV 2>/dev/null; trap - EXIT
+kill $SRV; wait $SRV 2>/dev/null; trap - EXIT; sleep 2     # workers write their GC logs at exit
 tail -3 "$OUT/serve.log"
 
 # 3. calibrate on the first slice, simulate the others with its profile and no knobs (CPU)
@@ -116,4 +118,6 @@ for i, (s, start) in enumerate(slices):
     print(f"\nslice {s} -- sim from the profile alone (no serving overheads)")
     print(table(real, load(f"sim_{s}_raw")))
 PY
+REALS=""; for SL in $SLICES; do REALS="$REALS $OUT/real_${SL%%:*}.json"; done
+python3 benchmarks/gclog/overlap.py "$OUT" "$OUT/profile_cal.json" $REALS | tee -a "$OUT/validation.md"
 stamp "done"
