@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -135,6 +136,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--planner-donor-memory-s", type=float, default=30.0,
                    help="a pool that gives a worker keeps room for its recent load, decaying (0: off)")
     g.add_argument("--planner-window-s", type=float, default=5.0, help="metrics window the planner reads")
+    g.add_argument("--planner-min-gpus", type=int, default=None,
+                   help="scale in down to this many workers (default: no scaling, flips only)")
+    g.add_argument("--planner-max-gpus", type=int, default=None,
+                   help="scale out up to this many workers, started as new processes (on CUDA: one per free GPU)")
+    g.add_argument("--planner-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any other PlannerConfig field (docs/planner.md), e.g. scale_in_delay_s=10; repeatable")
     g.add_argument("--slo-ttft-ms", type=float, default=None, help="TTFT SLO for the planner")
     g.add_argument("--slo-tpot-ms", type=float, default=None, help="TPOT SLO for the planner")
     g.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -205,7 +212,7 @@ def _validate_serve_args(args) -> None:
             raise CLIError("--planner-window-s must be > 0")
         try:
             _planner_config(args, {})
-        except ValueError as e:
+        except (ValueError, TypeError) as e:
             raise CLIError(f"planner: {e}") from None
     if args.workers is not None and args.workers < 1:
         raise CLIError("--workers must be >= 1")
@@ -220,13 +227,27 @@ def _validate_serve_args(args) -> None:
 
 
 def _planner_config(args, engine_cfg: dict):
+    import dataclasses
+
     from tandem.planner.types import PlannerConfig
-    return PlannerConfig(tick_s=args.planner_tick_s, slo_ttft_ms=args.slo_ttft_ms or 2000.0,
-                         slo_tpot_ms=args.slo_tpot_ms or 100.0, min_prefill=args.planner_min_prefill,
-                         min_decode=args.planner_min_decode, min_dwell_s=args.planner_min_dwell_s,
-                         cooldown_s=args.planner_cooldown_s, reverse_cooldown_s=args.planner_reverse_cooldown_s,
-                         peak_window_s=args.planner_peak_window_s, donor_memory_s=args.planner_donor_memory_s,
-                         max_num_seqs=engine_cfg.get("max_num_seqs", 256))
+    kw = dict(tick_s=args.planner_tick_s, slo_ttft_ms=args.slo_ttft_ms or 2000.0,
+              slo_tpot_ms=args.slo_tpot_ms or 100.0, min_prefill=args.planner_min_prefill,
+              min_decode=args.planner_min_decode, min_dwell_s=args.planner_min_dwell_s,
+              cooldown_s=args.planner_cooldown_s, reverse_cooldown_s=args.planner_reverse_cooldown_s,
+              peak_window_s=args.planner_peak_window_s, donor_memory_s=args.planner_donor_memory_s,
+              min_gpus=args.planner_min_gpus, max_gpus=args.planner_max_gpus,
+              max_num_seqs=engine_cfg.get("max_num_seqs", 256))
+    names = {f.name for f in dataclasses.fields(PlannerConfig)}
+    for item in args.planner_set:
+        key, sep, val = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or key not in names:
+            raise CLIError(f"--planner-set {item!r}: expected KEY=VALUE with KEY a PlannerConfig field")
+        try:
+            kw[key] = json.loads(val)
+        except json.JSONDecodeError:
+            kw[key] = val                   # a bare string (e.g. predictor=holt)
+    return PlannerConfig(**kw)
 
 
 def build_server(args):
@@ -246,6 +267,8 @@ def build_server(args):
     n = len(roles) if roles else (args.workers or (len(gpus) if device == "cuda" else 1))
     if device == "cuda" and n > len(gpus):
         raise CLIError(f"--workers {n} but only {len(gpus)} GPU(s) are visible (one worker per GPU)")
+    if args.planner and device == "cuda" and (args.planner_max_gpus or 0) > len(gpus):
+        raise CLIError(f"--planner-max-gpus {args.planner_max_gpus} but only {len(gpus)} GPU(s) are visible")
     model_dir, default_name = resolve_model(args.model, device)
     served = args.served_model_name or default_name
     engine_cfg = _engine_config(args, device, n)
@@ -261,6 +284,22 @@ def build_server(args):
                         gpu=gpus[i] if device == "cuda" else None) for i in range(n)]
 
     state_box = {}
+    next_id = [n]
+
+    def spawn(role: str) -> str | None:
+        """Start one more worker process for the planner (on CUDA on a GPU no live worker holds)."""
+        gpu = None
+        if device == "cuda":
+            busy = {runtime.specs[w].gpu for w, p in runtime.procs.items() if p.poll() is None}
+            free = [g for g in gpus if g not in busy]
+            if not free:
+                return None
+            gpu = free[0]
+        wid = f"w{next_id[0]}"
+        next_id[0] += 1
+        client.expect_worker(wid, role)
+        runtime.start_worker(WorkerSpec(wid, model_dir, role, dict(engine_cfg), gpu=gpu))
+        return wid
 
     async def on_startup():
         for s in specs:
@@ -269,7 +308,7 @@ def build_server(args):
         if args.planner:
             from tandem.frontend.planning import ServerPlanner
             sp = ServerPlanner(client, args.planner_profile, _planner_config(args, engine_cfg),
-                               window_s=args.planner_window_s)
+                               window_s=args.planner_window_s, spawn=spawn, terminate=runtime.stop_worker)
             state_box["state"].extra["planner"] = sp
             sp.start()
         asyncio.get_running_loop().create_task(_announce(state_box["state"], args, n))

@@ -48,7 +48,7 @@ class WorkerInfo:
     max_num_seqs: int = 0
     vocab_size: int = 0
     alive: bool = False
-    state: str = "starting"            # starting | ready | dead | failed
+    state: str = "starting"            # starting | ready | draining | stopped | dead | failed
     error: str | None = None
     stats: dict = field(default_factory=dict)
     num_active_reported: int = 0
@@ -261,7 +261,42 @@ class EngineClient:
         return True
 
     def alive_workers(self, pool_roles: tuple[str, ...] | None = None) -> list[WorkerInfo]:
-        return [w for w in self.workers.values() if w.alive and (pool_roles is None or w.role in pool_roles)]
+        """Workers that take new work (a draining worker finishes what it has and gets nothing new)."""
+        return [w for w in self.workers.values()
+                if w.alive and w.state != "draining" and (pool_roles is None or w.role in pool_roles)]
+
+    def drain(self, worker_id: str) -> None:
+        """Route nothing new to a worker (its in-flight requests go on), before `retire`."""
+        w = self.workers[worker_id]
+        if w.alive:
+            w.state = "draining"
+            rw = self.router.workers.get(worker_id)
+            if rw is not None:
+                rw.alive = False
+
+    def worker_busy(self, worker_id: str) -> int:
+        """Requests a worker still serves: streaming ones, and prefilled KV held for a decode worker."""
+        w = self.workers.get(worker_id)
+        mine = sum(1 for h in self.handles.values() if h.worker_id == worker_id and not h.done_on_worker)
+        if w is None or not w.alive:
+            return mine
+        return mine + int(w.num_active_reported) + int(w.stats.get("num_held_kv", 0) or 0)
+
+    def retire(self, worker_id: str) -> None:
+        """A drained worker leaves on purpose: stopped, not dead (its exit is not a failure)."""
+        w = self.workers.get(worker_id)
+        if w is None or w.state in ("stopped", "dead", "failed"):
+            return
+        if w.sock is not None:
+            try:
+                w.sock.send(encode(Shutdown("stopped by the planner")), zmq.NOBLOCK)
+            except zmq.ZMQError:
+                pass
+            w.sock.close(linger=500)
+            w.sock = None
+        w.alive, w.state = False, "stopped"
+        self.router.remove_worker(worker_id)
+        self._changed()
 
     def expect_worker(self, worker_id: str, role: str = "both") -> None:
         """Register a worker the runtime is starting (shown as `starting` until its Ready arrives)."""
@@ -521,7 +556,7 @@ class EngineClient:
             except Exception:  # noqa: BLE001
                 log.exception("runtime.exited() failed")
         for wid, w in list(self.workers.items()):
-            if w.state in ("dead", "failed"):
+            if w.state in ("dead", "failed", "stopped"):
                 continue
             if wid in exited:
                 self._mark_dead(wid, f"worker process exited with code {exited[wid]}",
@@ -539,7 +574,7 @@ class EngineClient:
 
     def _mark_dead(self, worker_id: str, reason: str, state: str = "dead") -> None:
         w = self.workers.get(worker_id)
-        if w is None or w.state in ("dead", "failed"):
+        if w is None or w.state in ("dead", "failed", "stopped"):
             return
         was_alive = w.alive
         w.alive, w.state = False, state
