@@ -11,8 +11,9 @@
 #   bash benchmarks/validate_sim.sh                      # GPU: ~3-4 min on an H100
 #   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 SLICES="A:0 B:600" \
 #       PROFILE=profiles/h100_llama-3.2-1b.json bash benchmarks/validate_sim.sh   # CPU dry run
-# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600": name:trace
-# start in s, the first one calibrates; the conv trace is 1,753 s long), START_WARMUP (1600), N_WARMUP
+# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600 D:0:<code
+# trace>:200": name:trace start s[:trace[:requests]], the first one calibrates; a slice whose trace is
+# missing is skipped; the conv trace is 1,753 s long), START_WARMUP (1600), N_WARMUP
 # (100), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine flags),
 # PORT, OUT.
 set -uo pipefail
@@ -28,11 +29,18 @@ DEVICE=${DEVICE:-cuda}
 TRACE=${TRACE:-.whl/traces/azure2023_conv_181546-184500.csv}
 [ -f "$TRACE" ] || TRACE=../shared/traces/azure2023_conv_181546-184500.csv
 N=${N:-400}; SCALE=${SCALE:-0.3}
-SLICES=${SLICES:-A:0 B:1200 C:600}     # name:trace start (s); the first is the calibration slice
+CODE=$(dirname "$TRACE")/azure2023_code_181703-184500.csv
+SLICES=${SLICES:-A:0 B:1200 C:600 D:0:$CODE:200}   # name:start s[:trace[:requests]]; the first calibrates
 MAX_ISL=${MAX_ISL:-4096}; MAX_OSL=${MAX_OSL:-512}
 MODEL=${MODEL:-/tmp/m1b}; PRESET=${PRESET:-llama-3.2-1b}; PORT=${PORT:-8123}
 ENGINE=${ENGINE:---max-num-seqs 256 --max-num-batched-tokens 2048}
-LOAD="--trace $TRACE --max-requests $N --time-scale $SCALE --max-isl $MAX_ISL --max-osl $MAX_OSL --jitter 0"
+# slice spec name:start[:trace[:requests]] -> S, START and LOAD (the bench/sim load flags of that slice)
+slice_load() {
+    local tr n
+    IFS=: read -r S START tr n <<< "$1"
+    LOAD="--trace ${tr:-$TRACE} --max-requests ${n:-$N} --time-scale $SCALE --max-isl $MAX_ISL --max-osl $MAX_OSL"
+    LOAD="$LOAD --jitter 0 --trace-start $START"
+}
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
@@ -68,10 +76,14 @@ BENCH="python3 -m tandem.cli bench --url http://127.0.0.1:$PORT --model m --no-p
 # warm-up (first-use compilation of prefill shapes: 0.2-1.2 s stalls in the first seconds of a run), not measured
 $BENCH --trace "$TRACE" --max-requests "${N_WARMUP:-100}" --time-scale "$SCALE" --trace-start "${START_WARMUP:-1600}" --max-isl "$MAX_ISL" \
     --max-osl 32 --jitter 0 --out "$OUT/warmup.json" > "$OUT/warmup.log" 2>&1 || tail -3 "$OUT/warmup.log"
+DONE=""
 for SL in $SLICES; do
-    S=${SL%%:*}; START=${SL#*:}
-    stamp "bench slice $S (trace start $START s)"
-    $BENCH $LOAD --trace-start "$START" --out "$OUT/real_$S.json" > "$OUT/bench_$S.log" 2>&1 || { tail -20 "$OUT/bench_$S.log"; exit 1; }
+    slice_load "$SL"
+    TR=$(echo "$LOAD" | cut -d' ' -f2)
+    [ -f "$TR" ] || { echo "slice $S: no trace $TR, skipped"; continue; }
+    DONE="$DONE $SL"
+    stamp "bench slice $S ($LOAD)"
+    $BENCH $LOAD --out "$OUT/real_$S.json" > "$OUT/bench_$S.log" 2>&1 || { tail -20 "$OUT/bench_$S.log"; exit 1; }
     grep -E "requests ok|output tok/s|TTFT p50|TTFT p90|TPOT p50|TPOT p90|dispatch lag" "$OUT/bench_$S.log"
 done
 kill $SRV; wait $SRV 2>/dev/null; trap - EXIT; sleep 2     # workers write their GC logs at exit
@@ -79,17 +91,18 @@ tail -3 "$OUT/serve.log"
 
 # 3. calibrate on the first slice, simulate the others with its profile and no knobs (CPU)
 SIM="--gpus 1 $ENGINE --no-progress --quiet"
-CAL=${SLICES%% *}; CS=${CAL%%:*}; CSTART=${CAL#*:}
+SLICES=${DONE# }
+slice_load "${SLICES%% *}"; CS=$S
 stamp "calibrate on slice $CS"
-python3 -m tandem.sim.calibrate --real "$OUT/real_$CS.json" $LOAD --trace-start "$CSTART" --profile "$PROFILE" $SIM \
+python3 -m tandem.sim.calibrate --real "$OUT/real_$CS.json" $LOAD --profile "$PROFILE" $SIM \
     --out "$OUT/sim_$CS.json" --write-profile "$OUT/profile_cal.json" > "$OUT/calibrate.log" 2>&1 || { cat "$OUT/calibrate.log"; exit 1; }
 cat "$OUT/calibrate.log"
 stamp "sims of the held-out slices (profile_cal.json, no knobs) and uncalibrated sims"
 for SL in $SLICES; do
-    S=${SL%%:*}; START=${SL#*:}
-    [ "$S" = "$CS" ] || python3 -m tandem.cli sim $LOAD --trace-start "$START" --profile "$OUT/profile_cal.json" $SIM \
+    slice_load "$SL"
+    [ "$S" = "$CS" ] || python3 -m tandem.cli sim $LOAD --profile "$OUT/profile_cal.json" $SIM \
         --out "$OUT/sim_$S.json" || exit 1
-    python3 -m tandem.cli sim $LOAD --trace-start "$START" --profile "$PROFILE" $SIM --step-overhead-ms 0 \
+    python3 -m tandem.cli sim $LOAD --profile "$PROFILE" $SIM --step-overhead-ms 0 \
         --seq-overhead-ms 0 --new-overhead-ms 0 --request-overhead-ms 0 --out "$OUT/sim_${S}_raw.json" || exit 1
 done
 
@@ -107,12 +120,13 @@ print(f"profile: {profile}")
 print(f"serving overheads measured on slice {slices[0][0]}: {cal['step_s'] * 1e3:.3f} ms/step + "
       f"{cal['seq_s'] * 1e3:.4f} ms/seq + {cal['new_s'] * 1e3:.3f} ms/new request (mean){qs}; "
       f"{cal['request_s'] * 1e3:.3f} ms/request before the router")
-for i, (s, start) in enumerate(slices):
+for i, (s, start, *rest) in enumerate(slices):
     real = load(f"real_{s}")
     o = real["summary"]["overall"]
     what = "calibration slice" if i == 0 else "HELD-OUT slice"
-    print(f"\n### slice {s}: trace start {start} s ({what}; {o['requests_completed']} ok, {o['requests_failed']} failed, "
-          f"{o['request_throughput']:.2f} req/s) -- calibrated sim")
+    src = real["config"].get("source", "")
+    print(f"\n### slice {s}: {src} from {start} s ({what}; {o['requests_completed']} ok, {o['requests_failed']} "
+          f"failed, {o['request_throughput']:.2f} req/s) -- calibrated sim")
     print(table(real, load(f"sim_{s}"), verdict=True))
     print(f"all rows within 15%: {'YES' if all_within(real, load(f'sim_{s}')) else 'NO'}")
     print(f"\nslice {s} -- sim from the profile alone (no serving overheads)")
