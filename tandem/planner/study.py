@@ -26,19 +26,25 @@ CODE = "azure2023_code_181703-184500.csv"
 
 SLO_TTFT_MS = 1000.0
 SLO_TPOT_MS = 50.0
-PROFILE = "synthetic:8b"
+# the measured H100 llama-3.1-8b profile (worker_start_s 20.2 s measured); its role_flip_s is null
+# (not measured), so the study assumes ROLE_FLIP_S for an in-place flip (no weight reload: stop
+# admitting, drain or migrate, switch role) and NVLink bandwidth (measured on H200 x2, DESIGN.md)
+# for prefill -> decode KV transfers instead of the profile's on-device copy rate
+PROFILE = os.path.join(os.path.dirname(__file__), "..", "..", "profiles", "h100_llama-3.1-8b.json")
+ROLE_FLIP_S = 1.0
+TRANSFER_GBPS = 394.0
 
 # Load of each workload for a cluster of G GPUs: how many copies of the trace (replicate, with
 # random circular shifts), or the synthetic workload's rate, per GPU. Chosen so that the best
 # static split is loaded but can meet the SLOs most of the time (see docs/planner.md).
 WORKLOADS: dict[str, dict] = {
     # the second half of the conversation trace: its rate swells from ~280 to ~480 req/min
-    "conv": {"trace": CONV, "copies_per_gpu": 1.3, "trace_start": 900},
-    "code": {"trace": CODE, "copies_per_gpu": 0.5},
-    "bursty": {"workload": "bursty", "rate_per_gpu": 2.0, "wl": []},
+    "conv": {"trace": CONV, "copies_per_gpu": 3.0, "trace_start": 900},
+    "code": {"trace": CODE, "copies_per_gpu": 3.0},
+    "bursty": {"workload": "bursty", "rate_per_gpu": 3.0, "wl": []},
     # the same generator with the mix swinging between all-summarization and all-chat at a
     # constant rate, 120 s each (the issue's "summarization-heavy to chat-heavy" swing)
-    "bursty-swing": {"workload": "bursty", "rate_per_gpu": 3.5,
+    "bursty-swing": {"workload": "bursty", "rate_per_gpu": 4.0,
                      "wl": ["burst_period_s=240,burst_duty=0.5,burst_factor=1,burst_mix=0.0",
                             "mix=1.0,chat_osl=1024"]},
 }
@@ -61,12 +67,22 @@ def sim_argv(spec: dict) -> list[str]:
         for kv in w.get("wl", []):
             a += ["--wl", kv]
     a += ["--duration", str(spec["duration"]), "--seed", str(spec.get("seed", 0)),
-          "--profile", spec.get("profile", PROFILE),
+          "--profile", spec.get("profile") or PROFILE,
           "--prefill", str(P), "--decode", str(G - P),
           "--slo-ttft-ms", str(spec.get("slo_ttft_ms", SLO_TTFT_MS)),
           "--slo-tpot-ms", str(spec.get("slo_tpot_ms", SLO_TPOT_MS)),
           "--records", "none", "--token-times", "none", "--no-progress", "--quiet",
           "--out", os.devnull]
+    # the flip-time and bandwidth assumptions belong to the measured profile; another profile
+    # (e.g. synthetic:8b in tests) keeps its own values unless the spec sets them
+    measured = not spec.get("profile")
+    for key, flag, dflt in (("role_flip_s", "--role-flip-s", ROLE_FLIP_S),
+                            ("transfer_gbps", "--transfer-gbps", TRANSFER_GBPS)):
+        v = spec.get(key, dflt if measured else None)
+        if v is not None:
+            a += [flag, str(v)]
+    if spec.get("block_size"):
+        a += ["--block-size", str(spec["block_size"])]
     pol = spec["policy"]
     if pol in ("planner", "planner-scale"):
         a += ["--planner", "tandem"]
@@ -96,8 +112,10 @@ def run_one(spec: dict) -> dict:
         o = report["summary"]["overall"]
         sim = report["config"]["sim"]
         decisions = sim.get("planner_decisions") or []
+        # (t, prefill, decode, GPUs, requests sent, output tokens): pools and load over time
         pools = [(t.get("t_s"), (t.get("pools") or {}).get("prefill", 0),
-                  (t.get("pools") or {}).get("decode", 0), t.get("num_gpus"))
+                  (t.get("pools") or {}).get("decode", 0), t.get("num_gpus"), t.get("sent", 0),
+                  t.get("output_tokens", 0))
                  for t in report.get("timeline", [])]
         out.update({
             "ok": True,
@@ -356,32 +374,55 @@ def plots(results: list[dict], img_dir: str) -> list[str]:
         fig.savefig(p, dpi=110)
         plt.close(fig)
         paths.append(p)
-    # 2. timelines: prefill pool size over time per policy, per (workload, G)
+    # 2. timelines: pool sizes over time per policy, per (workload, G), with the load (arrivals
+    # and output tokens per second, from the best static run: the same requests) on a second axis
     for k in keys:
         rs = groups[k]
         bs = best_static(rs)
-        fig, ax = plt.subplots(figsize=(9, 3.2))
+        fig, ax = plt.subplots(figsize=(9, 3.4))
         for pol in ("planner", "planner-scale", "dynamo"):
             r = next((x for x in rs if x["policy"] == pol), None)
             if not r or not r.get("timeline"):
                 continue
             ts = [x[0] for x in r["timeline"]]
             ax.step(ts, [x[1] for x in r["timeline"]], where="post", color=colors[pol],
-                    label=f"{pol}: prefill workers")
+                    label=f"{pol}: prefill")
             ax.step(ts, [x[1] + x[2] for x in r["timeline"]], where="post", color=colors[pol], ls=":",
-                    alpha=0.7, label=f"{pol}: total")
+                    alpha=0.8, label=f"{pol}: total")
         if bs:
             ax.axhline(bs["prefill"], color="#888888", ls="--", label=f"best static prefill ({bs['prefill']})")
+            load = _load_series(bs.get("timeline") or [])
+            if load:
+                ax2 = ax.twinx()
+                ax2.plot([x[0] for x in load], [x[1] for x in load], color="k", lw=0.7, alpha=0.45,
+                         label="arrivals req/s")
+                ax2.plot([x[0] for x in load], [x[2] / 100 for x in load], color="#9467bd", lw=0.7,
+                         alpha=0.45, label="output tok/s / 100")
+                ax2.set_ylabel("load")
+                ax2.set_ylim(bottom=0)
+                ax2.legend(fontsize=7, loc="upper right")
         ax.set_xlabel("time s")
         ax.set_ylabel("workers")
-        ax.set_title(f"{k[0]} @ {k[1]} GPUs: pool sizes")
-        ax.legend(fontsize=7, ncol=2)
+        ax.set_ylim(bottom=0)
+        ax.set_title(f"{k[0]} @ {k[1]} GPUs: pool sizes (lines) and load (grey/purple)")
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
         fig.tight_layout()
         p = os.path.join(img_dir, f"planner_timeline_{k[0].replace(' ', '_')}_{k[1]}.png")
-        fig.savefig(p, dpi=100)
+        fig.savefig(p, dpi=90)
         plt.close(fig)
         paths.append(p)
     return paths
+
+
+def _load_series(tl: list) -> list[tuple[float, float, float]]:
+    """(t, arrivals/s, output tokens/s) between consecutive timeline samples."""
+    out = []
+    for a, b in zip(tl, tl[1:]):
+        if len(a) < 6 or len(b) < 6 or b[0] <= a[0]:
+            continue
+        dt = b[0] - a[0]
+        out.append((b[0], (b[4] - a[4]) / dt, (b[5] - a[5]) / dt))
+    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -404,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rp.add_argument("--md", default=None)
     a = ap.parse_args(argv)
     if a.cmd == "run":
-        durs = {"conv": 900.0, "code": 1800.0, "bursty": 600.0, "bursty-swing": 960.0}
+        durs = {"conv": 600.0, "code": 600.0, "bursty": 600.0, "bursty-swing": 480.0}
         for kv in a.duration:
             k, v = kv.split("=", 1)
             durs[k] = float(v)

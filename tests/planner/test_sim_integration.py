@@ -12,7 +12,7 @@ pytest.importorskip("tandem.sim.run")
 from tandem.planner.study import run_one  # noqa: E402
 
 SWING = {"workload": "bursty-swing", "gpus": 4, "duration": 180.0, "prefill": 2,
-         "load": 1.0}
+         "load": 1.0, "profile": "synthetic:8b"}
 
 
 def _swing(policy, **kw):
