@@ -11,7 +11,7 @@
 #   bash benchmarks/validate_sim.sh                      # GPU: ~3-4 min on an H100
 #   DEVICE=cpu MODEL=/tmp/tiny PRESET=tiny N=30 SCALE=1 MAX_ISL=300 MAX_OSL=24 SLICES="A:0 B:600" \
 #       PROFILE=profiles/h100_llama-3.2-1b.json bash benchmarks/validate_sim.sh   # CPU dry run
-# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600 D:0:<code
+# Env: N (requests per slice, 400), SCALE (trace time scale, 0.3), SLICES ("A:0 B:1200 C:600 D:900:<code
 # trace>:200": name:trace start s[:trace[:requests]], the first one calibrates; a slice whose trace is
 # missing is skipped; the conv trace is 1,753 s long), START_WARMUP (1600), N_WARMUP
 # (100), TRACE, MODEL/PRESET, PROFILE (skip step 1 and use this file), ENGINE (serve/sim engine flags),
@@ -30,7 +30,7 @@ TRACE=${TRACE:-.whl/traces/azure2023_conv_181546-184500.csv}
 [ -f "$TRACE" ] || TRACE=../shared/traces/azure2023_conv_181546-184500.csv
 N=${N:-400}; SCALE=${SCALE:-0.3}
 CODE=$(dirname "$TRACE")/azure2023_code_181703-184500.csv
-SLICES=${SLICES:-A:0 B:1200 C:600 D:0:$CODE:200}   # name:start s[:trace[:requests]]; the first calibrates
+SLICES=${SLICES:-A:0 B:1200 C:600 D:900:$CODE:200}   # name:start s[:trace[:requests]]; the first calibrates
 MAX_ISL=${MAX_ISL:-4096}; MAX_OSL=${MAX_OSL:-512}
 MODEL=${MODEL:-/tmp/m1b}; PRESET=${PRESET:-llama-3.2-1b}; PORT=${PORT:-8123}
 ENGINE=${ENGINE:---max-num-seqs 256 --max-num-batched-tokens 2048}
