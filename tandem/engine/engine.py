@@ -9,8 +9,8 @@ Asynchronous scheduling (`async_scheduling`, on by default on CUDA): a step's sa
 GPU and the step is left in flight; the next `step()` call first launches the following decode step,
 feeding it those ids on the device, and only then waits for the previous ids and does the host work
 (detokenize, stop checks, outputs) while the GPU runs. So outputs lag one call. Only the simple case
-runs ahead — every running request decoded in the step in flight, nothing waiting, no logprobs, no
-`hold_kv`, the KV blocks fit; anything else first finishes the step in flight and schedules normally
+runs ahead — every running request decoded in the step in flight, nothing waiting, no `hold_kv`,
+the KV blocks fit; anything else first finishes the step in flight and schedules normally
 (the scheduler never runs with a step in flight). Requests that will finish by length are left out of
 the step run ahead; one that stops on EOS / a stop id or string has one extra token computed that is
 dropped (its KV is freed with it; a seeded generator of a finished request is never used again), so
@@ -34,7 +34,7 @@ from tandem.engine.hostcopy import to_device
 from tandem.engine.kv_cache import KVCacheManager
 from tandem.engine.request import Request, Status
 from tandem.engine.runner import ModelRunner
-from tandem.engine.sampler import SampleRow, logprob_dicts, sample_ids
+from tandem.engine.sampler import SampleRow, logprob_dicts, logprob_tensor, sample_ids
 from tandem.engine.scheduler import Scheduler
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ class StepInFlight:
     ids: torch.Tensor                   # sampled token ids on the device, [len(reqs)]
     host: tuple                         # HostIds handle (pinned copy + event)
     rows: list[SampleRow]
-    raw_lp: torch.Tensor | None = None  # log-softmax when a row wants logprobs (then never left in flight)
+    logprobs: tuple | None = None       # HostIds handle of the packed logprobs, when a row wants them
 
 
 def resolve_async_scheduling(setting: bool | None, device: torch.device) -> bool:
@@ -173,7 +173,7 @@ class Engine:
                 return outputs
             launched = self._launch(batch)
         if launched is not None:
-            if self.async_scheduling and launched.raw_lp is None:
+            if self.async_scheduling:
                 self._inflight = launched
             else:
                 outputs += self._read(launched, None)[0]
@@ -190,9 +190,14 @@ class Engine:
             self._stats.prompt_tokens_computed += n if n > 1 else 0
         if not sample_reqs:
             return None
-        rows = [self._sample_row(r) for r in sample_reqs]
+        return self._sample(sample_reqs, [self._sample_row(r) for r in sample_reqs], logits)
+
+    def _sample(self, reqs: list[Request], rows: list[SampleRow], logits: torch.Tensor) -> StepInFlight:
+        """Queue sampling and the copies of its results to the host."""
         ids, raw_lp = sample_ids(logits, rows)
-        return StepInFlight(sample_reqs, ids, self.runner.host_ids.start(ids), rows, raw_lp)
+        hc = self.runner.host_ids
+        lp = hc.start_any(logprob_tensor(raw_lp, rows, ids)) if raw_lp is not None else None
+        return StepInFlight(reqs, ids, hc.start(ids), rows, lp)
 
     def _ahead_batch(self, prev: StepInFlight) -> tuple[list[Request], list[int]] | None:
         """The decode batch that may run before `prev`'s ids are read: its requests and their rows in
@@ -209,7 +214,7 @@ class Engine:
                 continue                      # aborted since `prev` was launched
             alive += 1
             p = r.params
-            if r.hold_kv or p.logprobs is not None:
+            if r.hold_kv:
                 return None
             n = len(r.all_token_ids)
             if len(r.output_token_ids) + 1 >= p.max_tokens or n + 1 >= max_len:
@@ -231,10 +236,8 @@ class Engine:
         ids_in = prev.ids[:len(reqs)] if rows[-1] == len(rows) - 1 else \
             prev.ids.index_select(0, to_device(rows, torch.long, prev.ids.device))
         logits = self.runner.execute_ahead(reqs, ids_in)
-        srows = [self._sample_row(r, ahead=1) for r in reqs]
-        ids, _ = sample_ids(logits, srows)
         self.num_steps_ahead += 1
-        return StepInFlight(reqs, ids, self.runner.host_ids.start(ids), srows)
+        return self._sample(reqs, [self._sample_row(r, ahead=1) for r in reqs], logits)
 
     def _alive(self, req: Request) -> bool:
         return req.status == Status.RUNNING and self.requests.get(req.request_id) is req
@@ -245,7 +248,7 @@ class Engine:
         `nxt` (launched ahead, computing the token read here) count that token as computed. Returns
         the outputs and how many requests of `nxt` finished here."""
         toks = self.runner.host_ids.get(st.host)
-        lps = logprob_dicts(st.raw_lp, st.rows, toks) if st.raw_lp is not None else None
+        lps = logprob_dicts(self.runner.host_ids.get(st.logprobs), st.rows, toks) if st.logprobs else None
         ahead = {id(r) for r in nxt.reqs} if nxt is not None else ()
         outputs = []
         stopped = 0

@@ -46,9 +46,20 @@ class HostIds:
         ev.record()
         return buf, ev
 
+    def start_any(self, t: torch.Tensor) -> tuple[torch.Tensor, object]:
+        """Queue the copy of any small tensor (e.g. packed logprobs) into fresh pinned memory (the
+        caching host allocator keeps it until the copy is done); a handle for `get`."""
+        if not self._cuda:
+            return t, None
+        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf.copy_(t, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return buf, ev
+
     @staticmethod
-    def get(handle: tuple[torch.Tensor, object]) -> list[int]:
-        """Wait for the copy started by `start` and return the ids as a list."""
+    def get(handle: tuple[torch.Tensor, object]) -> list:
+        """Wait for a copy started by `start` / `start_any` and return the data as (nested) lists."""
         buf, ev = handle
         if ev is not None:
             ev.synchronize()

@@ -4,9 +4,9 @@ Random rows use the exponential-race trick (argmax of p / Exp(1)), with each row
 its own torch.Generator when it has a seed, so a seeded request gives the same tokens whatever it is
 batched with.
 
-`sample_ids` only queues GPU work (no host sync: small index tensors go through pinned memory), so the
-engine can launch the next step before this one's ids reach the host; `sample` is the synchronous
-form (ids as a list, plus logprob dicts).
+`sample_ids` and `logprob_tensor` only queue GPU work (no host sync: small index tensors go through
+pinned memory), so the engine can launch the next step before this one's results reach the host;
+`logprob_dicts` turns the packed logprobs into per-token dicts once they are on the host.
 """
 from __future__ import annotations
 
@@ -59,27 +59,28 @@ def sample_ids(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[torch.Tenso
     return logits.argmax(dim=-1).index_copy_(0, ridx, picked), raw_lp
 
 
-def logprob_dicts(raw_lp: torch.Tensor | None, rows: list[SampleRow], ids: list[int]) -> list[dict | None]:
-    """Per-row {"token_id", "logprob", "top"} for rows that asked for logprobs (host sync)."""
+def logprob_tensor(raw_lp: torch.Tensor, rows: list[SampleRow], ids: torch.Tensor) -> torch.Tensor:
+    """Per row, packed in one float32 tensor [n, 1 + 2k] (k = the most top logprobs any row wants): the
+    sampled token's logprob, the top-k logprobs, then their token ids (exact in float32 below 2**24)."""
+    k = max(r.logprobs or 0 for r in rows)
+    chosen = raw_lp.gather(1, ids[:, None])
+    if k == 0:
+        return chosen
+    v, i = raw_lp.topk(k, dim=-1)
+    return torch.cat([chosen, v, i.float()], dim=1)
+
+
+def logprob_dicts(packed: list[list[float]], rows: list[SampleRow], ids: list[int]) -> list[dict | None]:
+    """Host side of `logprob_tensor`: {"token_id", "logprob", "top"} for rows that asked, else None."""
     lps: list[dict | None] = [None] * len(rows)
-    if raw_lp is None:
-        return lps
     for i, r in enumerate(rows):
         if r.logprobs is None:
             continue
-        top = []
-        if r.logprobs > 0:
-            v, k = raw_lp[i].topk(r.logprobs)
-            top = [[int(t), float(l)] for t, l in zip(k.tolist(), v.tolist())]
-        lps[i] = {"token_id": ids[i], "logprob": float(raw_lp[i, ids[i]]), "top": top}
+        row = packed[i]
+        k = (len(row) - 1) // 2
+        top = [[int(row[1 + k + j]), row[1 + j]] for j in range(r.logprobs)]
+        lps[i] = {"token_id": ids[i], "logprob": row[0], "top": top}
     return lps
-
-
-def sample(logits: torch.Tensor, rows: list[SampleRow]) -> tuple[list[int], list[dict | None]]:
-    """Synchronous form: logits [n, V] float32 -> (token ids, per-row logprob dicts or None)."""
-    out, raw_lp = sample_ids(logits, rows)
-    ids = out.tolist()
-    return ids, logprob_dicts(raw_lp, rows, ids)
 
 
 def _top_k_top_p(x: torch.Tensor, top_k: list[int], top_p: list[float]) -> torch.Tensor:

@@ -75,14 +75,18 @@ def test_seeded_sampling_identical(llama_dir):
     assert eng.num_steps_ahead > 0
 
 
-def test_logprobs_fall_back_to_synchronous_steps(llama_dir):
-    ps = prompts(3, lens=(10, 20))
+def test_logprobs_identical_and_run_ahead(llama_dir):
+    """Logprobs are packed on the device and copied with the ids, so those steps run ahead too."""
+    ps = prompts(3, lens=(10, 20, 7))
     params = [SamplingParams(temperature=0, max_tokens=6, logprobs=2, ignore_eos=True),
-              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)]
+              SamplingParams(temperature=0, max_tokens=8, ignore_eos=True),
+              SamplingParams(temperature=0.8, seed=3, max_tokens=9, logprobs=0, ignore_eos=True)]
     a, b, eng = both(llama_dir, ps, params)
     same(a, b)
     assert [lp["token_id"] for lp in b[0].logprobs] == b[0].token_ids
-    assert a[0].logprobs == b[0].logprobs
+    assert all(len(lp["top"]) == 2 for lp in b[0].logprobs) and all(lp["top"] == [] for lp in b[2].logprobs)
+    assert a[0].logprobs == b[0].logprobs and a[2].logprobs == b[2].logprobs
+    assert eng.num_steps_ahead >= 5
 
 
 def test_preemption_under_small_kv_pool(llama_dir):
@@ -175,7 +179,8 @@ def test_gpu_graph_path_identical_and_sync_free(llama_dir):
     rows too, and no stream sync while a step is launched ahead."""
     from tandem.profile.measure import EngineProbe
     ps = prompts(7, lens=(9, 25, 14, 33))
-    params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True) for i in range(3)] + \
+    params = [SamplingParams(temperature=0, max_tokens=12 + 3 * i, ignore_eos=True, logprobs=i or None)
+              for i in range(3)] + \
         [SamplingParams(temperature=1.0, top_p=0.9, seed=5, max_tokens=16, stop_token_ids=[7, 11, 13])]
     outs = []
     for on in (False, True):
@@ -184,6 +189,7 @@ def test_gpu_graph_path_identical_and_sync_free(llama_dir):
         assert llm.engine.runner.graphs is not None
         outs.append(llm.generate(ps, params))
     same(*outs)
+    assert outs[0][1].logprobs == outs[1][1].logprobs and outs[0][2].logprobs == outs[1][2].logprobs
     assert llm.engine.num_steps_ahead > 0
     res = EngineProbe(llm.engine).host_syncs_ahead(batch=3, ctx=40, steps=6)
     assert res["steps_ahead"] == 6 and res["syncs"] == 0, res
