@@ -50,11 +50,14 @@ class RequestRecord:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RequestRecord":
-        known = {f.name for f in fields(cls)}
+        known = _FIELD_SET if cls is RequestRecord or cls.__dataclass_fields__ is _DC_FIELDS else \
+            {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
 _FIELDS = tuple(f.name for f in fields(RequestRecord))
+_FIELD_SET = frozenset(_FIELDS)
+_DC_FIELDS = RequestRecord.__dataclass_fields__
 
 
 def as_record(r) -> RequestRecord:

@@ -88,12 +88,16 @@ def records_of(report: dict) -> list[RequestRecord]:
     return [RequestRecord.from_dict(d) for d in report.get("requests", [])]
 
 
+_SCALARS = (int, str, bool, type(None))
+
+
 def _clean(o):
     """NaN/inf -> None, recursively (the JSON stays strict)."""
     if isinstance(o, float):
         return o if math.isfinite(o) else None
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, dict):                       # scalars inline: a report holds ~20 per request
+        return {k: (v if type(v) in _SCALARS else None if type(v) is float and not math.isfinite(v)
+                    else v if type(v) is float else _clean(v)) for k, v in o.items()}
     if isinstance(o, (list, tuple)):
         if all(type(v) is float for v in o):       # token times: no call per element
             return [v if math.isfinite(v) else None for v in o]
