@@ -41,7 +41,7 @@ GIB = 1 << 30
 
 
 def log(msg: str) -> None:
-    print(f"[disagg {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    print(f"[{Path(sys.argv[0]).stem} {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def sha(t) -> str:
@@ -425,17 +425,19 @@ class Server:
         self.logf.close()
 
 
-def bench(a, url: str, trace: Path, name: str, extra: list[str] = ()) -> dict:
+def bench(a, url: str, trace: Path, name: str, extra: list[str] = (), slo: list[str] | None = None) -> dict:
+    """Replay `trace` against `url` with `tandem bench`; returns its report (also in DIR/bench_NAME.json)."""
     out = Path(a.out) / f"bench_{name}.json"
+    slo = slo if slo is not None else ["--slo", f"chat:{a.slo_ttft_ms}:{a.slo_tpot_ms}"]
     cmd = [sys.executable, "-m", "tandem.cli", "bench", "--url", url, "--model", "m", "--trace", str(trace),
-           "--jitter", "0", "--slo", f"chat:{a.slo_ttft_ms}:{a.slo_tpot_ms}", "--gpus", "2",
+           "--jitter", "0", *slo, "--gpus", "2",
            "--request-timeout", str(a.request_timeout), "--label", name, "--no-progress", "--out", str(out),
            *extra]
     log(f"bench {name}: {' '.join(cmd[3:])}")
     r = subprocess.run(cmd, cwd=str(ROOT), env=child_env(None), capture_output=True, text=True,
                        timeout=a.duration + a.request_timeout + 120)
     print(r.stdout[-3000:], r.stderr[-2000:], flush=True)
-    if r.returncode not in (0,) or not out.exists():
+    if r.returncode != 0 or not out.exists():
         raise RuntimeError(f"bench {name} exited with {r.returncode}")
     return json.loads(out.read_text())
 
@@ -449,26 +451,31 @@ def parse_levels(spec: str) -> list[tuple[str, float, float]]:
     return out
 
 
-def make_requests(a, name: str, chat_rate: float, summ_rate: float, seed: int) -> tuple[Path, Path, int, int]:
-    """One load level's mixed requests (`tandem bench --workload mixed`, fixed seed), saved once so every
-    deployment gets exactly the same requests; the chat rows alone in a second file."""
-    mixed = Path(a.out) / f"requests_{name}.jsonl"
-    rate, mix = chat_rate + summ_rate, chat_rate / (chat_rate + summ_rate)
-    wl = f"rate={rate},mix={mix:.6f}" + (f",{a.wl}" if a.wl else "")
+def save_requests(a, name: str, workload: str, wl: str, seed: int) -> list[dict]:
+    """Plan a `tandem bench --workload` run once (fixed seed) and save its requests to
+    DIR/requests_NAME.jsonl, so every deployment replays exactly the same requests."""
+    path = Path(a.out) / f"requests_{name}.jsonl"
     plan = Path(a.out) / "plan.json"
-    cmd = [sys.executable, "-m", "tandem.cli", "bench", "--workload", "mixed", "--seed", str(seed),
-           "--duration", str(a.duration), "--wl", wl, "--dry-run", "--save-requests", str(mixed),
+    cmd = [sys.executable, "-m", "tandem.cli", "bench", "--workload", workload, "--seed", str(seed),
+           "--duration", str(a.duration), "--wl", wl, "--dry-run", "--save-requests", str(path),
            "--out", str(plan), "--quiet"]
     r = subprocess.run(cmd, cwd=str(ROOT), env=child_env(None), capture_output=True, text=True, timeout=120)
-    if r.returncode != 0 or not mixed.exists():
+    if r.returncode != 0 or not path.exists():
         raise RuntimeError(f"planning the workload failed ({r.returncode}): {r.stdout[-1500:]} {r.stderr[-1500:]}")
     plan.unlink(missing_ok=True)
-    rows = [json.loads(x) for x in mixed.read_text().splitlines() if x.strip()]
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def make_requests(a, name: str, chat_rate: float, summ_rate: float, seed: int) -> tuple[Path, Path, int, int]:
+    """One load level's mixed requests (`tandem bench --workload mixed`), and its chat rows alone."""
+    rate, mix = chat_rate + summ_rate, chat_rate / (chat_rate + summ_rate)
+    wl = f"rate={rate},mix={mix:.6f}" + (f",{a.wl}" if a.wl else "")
+    rows = save_requests(a, name, "mixed", wl, seed)
     chat = Path(a.out) / f"requests_{name}_chat.jsonl"
     chat.write_text("".join(json.dumps(x) + "\n" for x in rows if x.get("class") == "chat"))
     n_chat = sum(1 for x in rows if x.get("class") == "chat")
     log(f"level {name}: {len(rows)} requests ({n_chat} chat) over {a.duration:.0f}s, --wl {wl}, seed {seed}")
-    return mixed, chat, len(rows), n_chat
+    return Path(a.out) / f"requests_{name}.jsonl", chat, len(rows), n_chat
 
 
 def _m(rep: dict, cls: str) -> dict:
