@@ -5,7 +5,8 @@ K requests (`python -m tandem.sim.calibrate`, steps method), simulates the remai
 calibrated profile and no knobs, and prints real vs sim for both parts. Caveat: the second part's
 real run still carries the first part's requests in flight at its start; its simulation starts empty.
 
-    python benchmarks/sim_split_check.py /work/.device/11/real.json --trace ../shared/traces/azure2023_conv_181546-184500.csv \
+    python benchmarks/sim_split_check.py /work/.device/11/real.json \
+        --trace ../shared/traces/azure2023_conv_181546-184500.csv \
         --profile profiles/h100_llama-3.2-1b.json [--split 200] [--out-dir /tmp/split]
 """
 from __future__ import annotations

@@ -65,7 +65,8 @@ def table(real: dict, sim: dict, verdict: bool = False, tol: float = TOLERANCE) 
             continue
         ratio = y / x
         ok = abs(ratio - 1.0) <= tol
-        lines.append(f"| {name} | {x:.2f} | {y:.2f} | {ratio:.3f} |" + ((" yes |" if ok else " NO |") if verdict else ""))
+        mark = (" yes |" if ok else " NO |") if verdict else ""
+        lines.append(f"| {name} | {x:.2f} | {y:.2f} | {ratio:.3f} |{mark}")
     return "\n".join(lines)
 
 
@@ -253,8 +254,8 @@ def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[d
             for b, n, r, p, m in by_batch(samples, fit)))
     wp = worker_part(prof)
     if log and wp:
-        log(f"of which the worker process, measured in process by tandem profile: a_w {wp['step_s'] * 1e3:.3f} ms/step, "
-            f"s_w {wp['seq_s'] * 1e3:.4f} ms/seq, admission {(wp['admission_s'] or 0) * 1e3:.3f} ms/request")
+        log(f"of which the worker process, measured in process by tandem profile: "
+            f"a_w {wp['step_s'] * 1e3:.3f} ms/step, s_w {wp['seq_s'] * 1e3:.4f} ms/seq, admission {(wp['admission_s'] or 0) * 1e3:.3f} ms/request")
     fit["worker_part"] = wp
     # admission time: its measured distribution (the TTFT tail lives there), else the fitted mean;
     # a prefill step is never charged less than half the profile's shortest prefill
@@ -331,7 +332,8 @@ def calibrate(real: dict, args, rounds: int = 8, tol: float = 0.02, damping: flo
 def profile_with_overheads(profile, overheads: dict, source: str) -> dict:
     """The profile's JSON with a ``serving_overhead`` section (seconds)."""
     d = dict(profile.to_dict())
-    d["serving_overhead"] = {k: round(float(overheads.get(k, 0.0)), 7) for k in ("step_s", "seq_s", "new_s", "request_s")}
+    d["serving_overhead"] = {k: round(float(overheads.get(k, 0.0)), 7)
+                             for k in ("step_s", "seq_s", "new_s", "request_s")}
     q = overheads.get("new_q")
     d["serving_overhead"]["new_q"] = [round(float(x), 7) for x in q] if q else None
     d["serving_overhead"]["source"] = source

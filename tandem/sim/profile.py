@@ -9,7 +9,7 @@ Schema (written by `tandem profile`; see docs/sim.md)::
      "decode":      {"batch": [...], "context": [...], "time_s": [[per context] per batch]},
      "weight_load_s", "worker_start_s", "role_flip_s", "kv_bytes_per_token",
      "copy_bandwidth_gbps", "matmul_tflops",
-     "serving_overhead": {"step_s", "seq_s", "new_s", "request_s", "new_q", "source"}}     # optional, see ServingOverhead
+     "serving_overhead": {"step_s", "seq_s", "new_s", "request_s", "new_q", "source"}}   # optional: ServingOverhead
 
 `copy_bandwidth_gbps` is in GB/s (1e9 bytes/s), as the planner reads it.
 
@@ -112,8 +112,8 @@ class ServingOverhead:
     """Host time of the serving path that an isolated engine step (what the profile's curves time)
     does not contain: per step (worker loop, output message), per sequence in a step (its delta:
     built, encoded, streamed), per request in its first step (admission: request state, prefill
-    inputs) and per request outside the worker (HTTP in/out, routing: `request_s`, before the router). Profiles without the
-    ``serving_overhead`` section read as zeros (pure engine). `python -m tandem.sim.calibrate` measures
+    inputs) and per request outside the worker (HTTP in/out, routing: `request_s`, before the
+    router). Profiles without the ``serving_overhead`` section read as zeros (pure engine). `python -m tandem.sim.calibrate` measures
     the step terms from a real run's token timeline and writes them here."""
     step_s: float = 0.0
     seq_s: float = 0.0

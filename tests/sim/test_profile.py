@@ -135,7 +135,8 @@ def test_serving_overhead_section(profile_dict):
                                              "source": "test"})
     p = SimProfile(d)
     assert (p.serving.step_s, p.serving.seq_s, p.serving.new_s, p.serving.request_s) == (0.0005, 6e-5, 0.0027, 0.002)
-    args = argparse.Namespace(step_overhead_ms=None, seq_overhead_ms=0.1, new_overhead_ms=None, request_overhead_ms=None)
+    args = argparse.Namespace(step_overhead_ms=None, seq_overhead_ms=0.1, new_overhead_ms=None,
+                              request_overhead_ms=None)
     got = resolve_overheads(args, p)
     assert got["step_ms"] == pytest.approx(0.5) and got["seq_ms"] == 0.1 and got["request_ms"] == pytest.approx(2.0)
     assert got["from"]["seq_ms"] == "flag" and got["from"]["step_ms"] == "profile"
