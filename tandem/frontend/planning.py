@@ -45,13 +45,15 @@ class LocalConnector:
         out = []
         for wid, t0 in list(self.started.items()):
             w = self.client.workers.get(wid)
-            if w is not None and w.state == "starting":
-                out.append(WorkerView(worker_id=wid, role=w.role, state="starting", since=t0))
-            else:
+            if w is None or w.state != "starting":
                 del self.started[wid]
                 self._log("started" if w is not None and w.alive else "start failed", wid,
                           seconds=round(now - t0, 3), error=None if w is None else w.error)
         for w in self.client.workers.values():
+            if w.state == "starting":          # spawned, or still loading at start-up: counts as coming
+                out.append(WorkerView(worker_id=w.worker_id, role=w.role, state="starting",
+                                      since=self.started.get(w.worker_id, now)))
+                continue
             if not w.alive:
                 continue
             s = w.stats or {}
