@@ -9,8 +9,8 @@ Asynchronous scheduling (`async_scheduling`, on by default on CUDA): a step's sa
 GPU and the step is left in flight; the next `step()` call first launches the following decode step,
 feeding it those ids on the device, and only then waits for the previous ids and does the host work
 (detokenize, stop checks, outputs) while the GPU runs. So outputs lag one call. Only the simple case
-runs ahead — every running request decoded in the step in flight, nothing waiting, no `hold_kv`,
-the KV blocks fit; anything else first finishes the step in flight and schedules normally
+runs ahead — every running request decoded in the step in flight, nothing waiting (or only requests
+the full batch keeps out anyway), no `hold_kv`, the KV blocks fit; anything else first finishes the step in flight and schedules normally
 (the scheduler never runs with a step in flight). Requests that will finish by length are left out of
 the step run ahead; one that stops on EOS / a stop id or string has one extra token computed that is
 dropped (its KV is freed with it; a seeded generator of a finished request is never used again), so
@@ -204,7 +204,7 @@ class Engine:
         `prev`, or None when this step must go through the scheduler (see the module docstring). It is
         the batch the scheduler would pick: all running requests, minus those `prev` ends by length."""
         sched = self.scheduler
-        if sched.waiting or not sched.running:
+        if not sched.running:
             return None
         reqs, rows, need, alive = [], [], 0, 0
         live = self.requests
@@ -228,7 +228,22 @@ class Engine:
             return None
         if not reqs or len(reqs) > sched.max_num_batched_tokens or need > self.kv.pool.num_free:
             return None
+        if sched.waiting and not self._batch_full_before_waiting(reqs):
+            return None
         return reqs, rows
+
+    def _batch_full_before_waiting(self, reqs: list[Request]) -> bool:
+        """With requests waiting, the scheduler would still pick just `reqs` when they fill max_num_seqs
+        and every waiting request is ordered after all of them (a saturated worker's queue): it stops
+        at max_num_seqs before it reaches the queue. (If one of `reqs` then turns out to have stopped
+        at the step being read, the freed slot is filled one step later than synchronous stepping.)"""
+        sched = self.scheduler
+        if len(reqs) < sched.max_num_seqs:
+            return False
+        now = sched.clock()
+        rank = sched.effective_rank
+        last = max((rank(r, now), r.arrival_time, r.seq) for r in reqs)
+        return all((rank(w, now), w.arrival_time, w.seq) > last for w in sched.waiting)
 
     def _launch_ahead(self, prev: StepInFlight, reqs: list[Request], rows: list[int]) -> StepInFlight:
         for r in reqs:

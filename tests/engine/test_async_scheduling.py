@@ -89,6 +89,31 @@ def test_logprobs_identical_and_run_ahead(llama_dir):
     assert eng.num_steps_ahead >= 5
 
 
+def test_saturated_batch_with_a_queue_runs_ahead(llama_dir):
+    """max_num_seqs full and requests queued behind it: steps still run ahead, same outputs; a queued
+    interactive request (ordered before the batch-class ones) is admitted as in synchronous steps."""
+    ps = prompts(8, lens=(11, 6, 19, 8, 14, 9))
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (9, 4, 12, 7, 5, 10)]
+    params[3] = SamplingParams(temperature=0, max_tokens=7, stop_token_ids=[ps[3][0]])
+    outs = []
+    for on in (False, True):
+        eng = Engine(EngineConfig(llama_dir, device="cpu", async_scheduling=on, max_num_seqs=2, aging_s=0))
+        got = {}
+        for i, (p, sp) in enumerate(zip(ps, params)):
+            eng.add_request(f"r{i}", p, sp, "batch")
+        for k in range(200):
+            if k == 6:
+                eng.add_request("vip", ps[0][:5], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True))
+            for d in eng.step():
+                got[d.request_id] = got.get(d.request_id, []) + d.new_token_ids
+            if not eng.has_unfinished_requests():
+                break
+        outs.append(got)
+        assert eng.kv.pool.num_used == 0
+    assert outs[0] == outs[1]
+    assert eng.num_steps_ahead >= 10
+
+
 def test_preemption_under_small_kv_pool(llama_dir):
     ps = prompts(4, lens=(30, 30, 30, 30))
     params = SamplingParams(temperature=0, max_tokens=14, ignore_eos=True)
