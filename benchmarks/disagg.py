@@ -295,7 +295,7 @@ def cmd_kv_decode(a) -> None:
 
     results = []
     seed = 0
-    for n in [int(x) for x in a.sizes.split(",")]:
+    for mode, n in [(m, int(x)) for m in a.modes.split(",") for x in a.sizes.split(",")]:
         rows = []
         for trial in range(a.warmup + a.trials):
             seed += 1
@@ -304,7 +304,7 @@ def cmd_kv_decode(a) -> None:
             ph: dict = {}
             _sync(a.device)
             t0 = time.perf_counter()
-            got = fetch_kv(a.kv, pre["rid"], 0, timeout_s=60, device=dev, phases=ph)
+            got = fetch_kv(a.kv, pre["rid"], 0, timeout_s=60, device=dev, phases=ph, direct=mode == "direct")
             _sync(a.device)
             t1 = time.perf_counter()
             if got is None:
@@ -330,7 +330,7 @@ def cmd_kv_decode(a) -> None:
                 rows.append(row)
         med = statistics.median(r["fetch_s"] for r in rows)
         med_imp = statistics.median(r["fetch_s"] + r["import_s"] for r in rows)
-        res = {"tokens": n, "bytes": rows[0]["bytes"], "path": rows[0]["path"],
+        res = {"mode": mode, "tokens": n, "bytes": rows[0]["bytes"], "path": rows[0]["path"],
                "fetch_s_median": med, "fetch_gbps": _bytes_gbps(rows[0]["bytes"], med),
                "fetch_import_gbps": _bytes_gbps(rows[0]["bytes"], med_imp),
                "reply_s_median": statistics.median(r["reply_s"] for r in rows),
@@ -339,7 +339,7 @@ def cmd_kv_decode(a) -> None:
                "fetched_bitwise": rows[0].get("fetched_bitwise"), "imported_bitwise": rows[0].get("imported_bitwise"),
                "trials": rows}
         results.append(res)
-        print(f"transfer {n} tokens ({res['bytes'] / GIB:.3f} GiB, {res['path']}): fetch {med * 1e3:.2f} ms = "
+        print(f"transfer ({mode}) {n} tokens ({res['bytes'] / GIB:.3f} GiB, {res['path']}): fetch {med * 1e3:.2f} ms = "
               f"{res['fetch_gbps']:.1f} GB/s (reply {res['reply_s_median'] * 1e3:.2f} ms, copy "
               f"{res['copy_s_median'] * 1e3:.2f} ms); with import {res['fetch_import_gbps']:.1f} GB/s; bitwise "
               f"fetched {res['fetched_bitwise']} imported {res['imported_bitwise']}", flush=True)
@@ -356,6 +356,7 @@ def part_transfer(a, peer: dict | None) -> dict:
     try:
         addrs = read_json_line(pre, 300)
         dec = spawn("_kv_decode", common + ["--ctl", addrs["ctl"], "--kv", addrs["kv"], "--sizes", a.sizes,
+                                            "--modes", a.modes,
                                             "--trials", str(a.trials), "--warmup", str(a.warmup)], dev1)
         res = read_json_line(dec, 400)
         dec.wait(30)
@@ -584,11 +585,11 @@ def print_tables(res: dict) -> None:
     print("\n## KV transfer (issue #6)")
     print(f"peer copy GPU0→GPU1: one process {fmt(p.get('same_process_gbps'))} GB/s, two processes (CUDA IPC) "
           f"{fmt(p.get('ipc_gbps'))} GB/s, bitwise {fmt(p.get('ipc_bitwise'))}")
-    print("| prompt tokens | KV bytes | path | fetch ms (median) | GB/s | vs IPC peer copy | GB/s incl. import "
+    print("| mode | prompt tokens | KV bytes | path | fetch ms (median) | GB/s | vs IPC peer copy | GB/s incl. import "
           "| fetched bitwise | imported bitwise |")
-    print("|---:|---:|---|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---|---:|---:|---:|---:|---|---|")
     for r in t.get("results", []):
-        print(f"| {r['tokens']} | {r['bytes'] / GIB:.3f} GiB | {r['path']} | {r['fetch_s_median'] * 1e3:.2f} | "
+        print(f"| {r['mode']} | {r['tokens']} | {r['bytes'] / GIB:.3f} GiB | {r['path']} | {r['fetch_s_median'] * 1e3:.2f} | "
               f"{r['fetch_gbps']:.1f} | {fmt(r.get('ratio_vs_ipc_peer_copy'), 2)} | {r['fetch_import_gbps']:.1f} | "
               f"{fmt(r['fetched_bitwise'])} | {fmt(r['imported_bitwise'])} |")
     tab = s.get("table") or {}
@@ -651,6 +652,9 @@ def main_driver(argv=None) -> int:
     ap.add_argument("--sizes", default="1024,8192", help="prompt tokens per transfer (8B: 8192 tokens = 1 GiB of KV)")
     ap.add_argument("--trials", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--modes", default="staged,direct",
+                    help="transfer paths: staged (the workers' default: export copy + IPC handle per transfer) "
+                         "and direct (TANDEM_KV_DIRECT=1: blocks gathered from the peer's mapped KV cache)")
     ap.add_argument("--kv-gb", type=float, default=None, help="KV cache GiB of the transfer-test engines")
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per bench run")
     ap.add_argument("--request-timeout", type=float, default=60.0)
@@ -719,6 +723,7 @@ def main() -> int:
         ap.add_argument("--ctl")
         ap.add_argument("--kv")
         ap.add_argument("--sizes", default="8192")
+        ap.add_argument("--modes", default="staged")
         ap.add_argument("--trials", type=int, default=5)
         ap.add_argument("--warmup", type=int, default=1)
         a = ap.parse_args(sys.argv[2:])

@@ -7,6 +7,7 @@ failure/deadline, without KV: the engine recomputes the prefill — the request 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,15 +41,31 @@ class TransferCounters:
 
 class TransferAgent:
     def __init__(self, engine, lock: threading.Lock, host: str = "127.0.0.1", mode: str = "auto",
-                 timeout_s: float = 5.0, workers: int = 2):
+                 timeout_s: float = 5.0, workers: int = 2, direct: bool | None = None):
         self.engine, self.lock, self.timeout_s = engine, lock, timeout_s
-        self.server = KVServer(engine.export_kv, engine.release_kv, lock, f"tcp://{host}:*", mode)
+        # fetch with the zero-staging CUDA path (KVServer docstring); opt-in until measured on GPUs
+        self.direct = os.environ.get("TANDEM_KV_DIRECT", "0") == "1" if direct is None else direct
+        cache = getattr(getattr(engine, "runner", None), "kv_cache", None)
+        self.server = KVServer(engine.export_kv, engine.release_kv, lock, f"tcp://{host}:*", mode,
+                               direct=(cache, self._locate) if cache is not None else None)
         self.addr = self.server.addr
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="kv-fetch")
         self.done: queue.Queue[FetchResult] = queue.Queue()
         self.counters = TransferCounters()
         self.fail_next = 0            # test hook: inject this many transfer failures
         self.inflight = 0             # fetches started and not yet collected by completed()
+
+    def _locate(self, request_id: str, start_block: int) -> tuple[dict, list[int]]:
+        """What `engine.export_kv` would copy, without copying: the header and the block ids."""
+        eng = self.engine
+        req = eng.held.get(request_id) or eng.requests.get(request_id)
+        if req is None:
+            raise KeyError(request_id)
+        n = req.num_computed_tokens
+        head = {"request_id": request_id, "num_tokens": n, "block_size": eng.kv.block_size,
+                "start_block": start_block, "prompt_token_ids": list(req.prompt_token_ids),
+                "output_token_ids": list(req.output_token_ids)}
+        return head, list(req.block_table[start_block:eng.kv.blocks_needed(n)])
 
     def start_fetch(self, item, prompt_token_ids: list[int], source_addr: str, source_request_id: str) -> None:
         self.inflight += 1
@@ -63,7 +80,7 @@ class TransferAgent:
             with self.lock:
                 start = self.engine.prefix_hit_tokens(prompt) // self.engine.config.block_size
             device = getattr(getattr(self.engine, "runner", None), "device", "cpu")
-            got = fetch_kv(addr, rid, start, self.timeout_s, device=device)
+            got = fetch_kv(addr, rid, start, self.timeout_s, device=device, direct=self.direct)
             if got is None:
                 raise RuntimeError("fetch failed or timed out")
             kv, ack = got

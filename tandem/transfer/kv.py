@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 import time
@@ -31,10 +32,19 @@ def _same_host_cuda(t: torch.Tensor, mode: str) -> bool:
 class KVServer:
     """Serves exports of held requests. `export(request_id, start_block) -> KVExport`, `release(request_id)`
     are the engine's methods; they are called on the serving thread under `lock` (the engine's lock).
-    Replies stay valid until the fetcher acks (IPC staging tensors are kept alive until then)."""
+    Replies stay valid until the fetcher acks (IPC staging tensors are kept alive until then).
 
-    def __init__(self, export, release, lock: threading.Lock, addr: str = "tcp://127.0.0.1:*", mode: str = "auto"):
+    `direct` = (kv_cache tensor, locate) enables the zero-staging CUDA path for fetchers that ask for it:
+    the reply carries the block ids and one IPC handle of the whole KV cache, which the fetcher maps once
+    and gathers the blocks from over the GPU link (no export copy here, no handle opened per transfer).
+    `locate(request_id, start_block) -> (header dict, block ids)`; the blocks stay held until the ack."""
+
+    def __init__(self, export, release, lock: threading.Lock, addr: str = "tcp://127.0.0.1:*", mode: str = "auto",
+                 direct: tuple | None = None):
         self.export, self.release, self.lock, self.mode = export, release, lock, mode
+        self.direct = direct if direct is not None and direct[0].is_cuda else None
+        self._cache_handle: bytes | None = None
+        self._cache_key = f"{os.getpid()}-{id(self)}"
         self.ctx = zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -68,6 +78,15 @@ class KVServer:
                 self.sock.send_multipart([ident, b"", msgpack.packb({"ok": False, "error": str(e)})])
 
     def _on_fetch(self, ident, msg):
+        if msg.get("accept_direct") and self.direct is not None:
+            try:
+                self._on_fetch_direct(ident, msg)
+                return
+            except KeyError:
+                raise
+            except Exception as e:  # noqa: BLE001 - the staged path still works: use it from now on
+                log.warning("direct KV serving unavailable (%s: %s); serving staged copies", type(e).__name__, e)
+                self.direct = None
         t0 = time.perf_counter()
         with self.lock:
             kv = self.export(msg["request_id"], msg.get("start_block", 0))
@@ -88,6 +107,19 @@ class KVServer:
         self.stats.bytes += data.numel() * data.element_size()
         self.stats.seconds += time.perf_counter() - t0
 
+    def _on_fetch_direct(self, ident, msg):
+        cache, locate = self.direct
+        with self.lock:
+            head, blocks = locate(msg["request_id"], msg.get("start_block", 0))
+        torch.cuda.current_stream(cache.device).synchronize()      # the blocks' last writes are done
+        if self._cache_handle is None:
+            from torch.multiprocessing.reductions import reduce_tensor
+            self._cache_handle = pickle.dumps(reduce_tensor(cache))
+        head.update(ok=True, direct=True, blocks=list(blocks), cache_key=self._cache_key, dtype=str(cache.dtype))
+        self.sock.send_multipart([ident, b"", msgpack.packb(head), self._cache_handle], copy=False)
+        self.stats.requests += 1
+        self.stats.bytes += len(blocks) * cache[:, :, 0].numel() * cache.element_size()
+
     def close(self):
         self._stop = True
         self._thread.join(timeout=2)
@@ -106,13 +138,33 @@ def _open_ipc(payload: bytes, device) -> torch.Tensor:
     return data
 
 
+_PEER_CACHES: dict[str, torch.Tensor] = {}     # cache_key -> a peer's KV cache mapped here (direct path)
+
+
+def _gather_direct(head: dict, payload: bytes, device) -> torch.Tensor:
+    """Gather the held blocks straight from the peer's KV cache (mapped once per peer, kept) into a new
+    tensor on `device`: one kernel reading over the GPU link, no staging on either side."""
+    peer = _PEER_CACHES.get(head["cache_key"])
+    if peer is None:
+        fn, args = pickle.loads(payload)
+        peer = _PEER_CACHES[head["cache_key"]] = fn(*args)
+    idx = torch.tensor(head["blocks"], dtype=torch.long, device=peer.device)
+    data = peer.index_select(2, idx)
+    if data.device != torch.device(device):
+        data = data.to(device)
+    torch.cuda.current_stream(data.device).synchronize()
+    return data
+
+
 def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float = 5.0,
-             device: torch.device | str = "cpu", accept_ipc: bool = True, phases: dict | None = None):
+             device: torch.device | str = "cpu", accept_ipc: bool = True, phases: dict | None = None,
+             direct: bool = False):
     """Fetch a held request's KV from a KVServer. Returns (KVExport, ack) or None on any failure.
     Call `ack()` after importing so the server frees the blocks. A CUDA IPC handle that cannot be
     opened here (no peer access, another host) is retried once through host bytes before giving up.
     `phases`, if given, receives seconds per phase ("reply": request until the server's answer,
-    "copy": IPC map + GPU copy or host bytes → device) and "path" ("cuda_ipc" or "bytes")."""
+    "copy": IPC map + GPU copy or host bytes → device) and "path" ("cuda_ipc", "cuda_direct" or "bytes").
+    `direct` asks for the zero-staging path (see KVServer); a failure there retries the staged path."""
     from tandem.engine.engine import KVExport
     want_ipc = accept_ipc and torch.device(device).type == "cuda"
     ctx = zmq.Context.instance()
@@ -125,7 +177,7 @@ def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float 
         sock.connect(addr)
         t0 = time.perf_counter()
         sock.send(msgpack.packb({"op": "fetch", "request_id": request_id, "start_block": start_block,
-                                 "accept_ipc": want_ipc}))
+                                 "accept_ipc": want_ipc, "accept_direct": want_ipc and direct}))
         frames = sock.recv_multipart(copy=False)
         t1 = time.perf_counter()
         ph["reply"] = t1 - t0
@@ -135,7 +187,17 @@ def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float 
             sock.close(0)
             return None
         dtype = _DT[head["dtype"]]
-        if head.get("ipc"):
+        if head.get("direct"):
+            try:
+                data = _gather_direct(head, frames[1].bytes, device)
+                ph["path"] = "cuda_direct"
+            except (RuntimeError, OSError, TypeError) as e:
+                log.warning("kv fetch %s: direct gather from %s failed (%s); retrying with a staged copy",
+                            request_id, addr, e)
+                _PEER_CACHES.pop(head.get("cache_key"), None)
+                sock.close(0)
+                return fetch_kv(addr, request_id, start_block, timeout_s, device, accept_ipc, phases, direct=False)
+        elif head.get("ipc"):
             try:
                 data = _open_ipc(frames[1].bytes, device)
                 ph["path"] = "cuda_ipc"

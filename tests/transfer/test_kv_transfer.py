@@ -114,3 +114,32 @@ def test_worker_falls_back_to_recompute_on_injected_failure(llama_dir):
     finally:
         src.close()
         agent.close()
+
+
+def test_direct_locate_matches_export(llama_dir):
+    """The zero-staging CUDA path serves block ids instead of a copy: on CPU, check they name exactly the
+    blocks `export_kv` copies (same header, same bytes), from a start block on; on CPU the server keeps
+    the staged path even when a fetcher asks for the direct one."""
+    import torch
+
+    from tandem.transfer.agent import TransferAgent
+    pre = Engine(EngineConfig(llama_dir, device="cpu"))
+    agent = TransferAgent(pre, threading.Lock(), direct=True)
+    try:
+        assert agent.server.direct is None                       # the KV cache is not on a GPU
+        prompt = list(range(7, 7 + 50))
+        pre.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), hold_kv=True)
+        drain(pre)
+        for start in (0, 1, 3):
+            head, blocks = agent._locate("a", start)
+            ref = pre.export_kv("a", start)
+            assert (head["num_tokens"], head["start_block"], head["block_size"]) == \
+                (ref.num_tokens, ref.start_block, ref.block_size)
+            assert head["prompt_token_ids"] == ref.prompt_token_ids and head["output_token_ids"] == ref.output_token_ids
+            assert torch.equal(pre.runner.read_blocks(blocks), ref.data)
+        ph = {}
+        kv, ack = fetch_kv(agent.addr, "a", 0, phases=ph, direct=True)
+        assert ph["path"] == "bytes" and torch.equal(kv.data, pre.export_kv("a").data)
+        ack()
+    finally:
+        agent.close()
