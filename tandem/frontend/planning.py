@@ -143,11 +143,12 @@ class LocalConnector:
                 break
         else:
             self.client.retire(worker_id)
-        self._log("stopped", worker_id, drain_s=round(time.monotonic() - t0, 3))
+        drain_s = round(time.monotonic() - t0, 3)
         try:
             await asyncio.to_thread(self.terminate, worker_id)
         except Exception:  # noqa: BLE001 - the runtime's shutdown still reaps it
             log.exception("could not terminate worker %s", worker_id)
+        self._log("stopped", worker_id, drain_s=drain_s, stop_s=round(time.monotonic() - t0, 3))
 
 
 class ServerPlanner:

@@ -3,10 +3,12 @@
 * a workload that swings summarization -> chat -> summarization makes it flip the prefill worker to
   decode (0P2D: both workers decode and prefill locally) and a worker back to prefill (1P1D), in
   place, while every request completes exactly once with the tokens it asked for;
-* a second server with the same flags, left without traffic for 60 s meanwhile, makes no flip and
-  shows no NaN in /v1/cluster or /metrics.
+* with --planner-min-gpus/--planner-max-gpus, chat beyond two workers starts a third worker process
+  and zero traffic stops one again (drained first);
+* a server with the same flags, left without traffic for 60 s meanwhile, makes no flip and shows no
+  NaN in /v1/cluster or /metrics.
 
-The two servers run side by side so the module takes about 60 s, not 60 s plus the swing.
+The idle server runs beside the others, so its 60 s overlap the swing and scaling tests.
 """
 import concurrent.futures as cf
 import json
@@ -187,6 +189,38 @@ def test_swing_flips_roles_and_back_losing_nothing(servers):
         print(f"  {d['time'] - t_end + wall:6.1f}s {d['action']} {d.get('from_role')}->{d.get('to_role')}: {d['reason']}")
 
 
+def test_planner_starts_and_stops_workers(llama_dir, tmp_path):
+    """--planner-min-gpus 2 --planner-max-gpus 3: chat beyond two workers starts a third worker
+    process; zero traffic afterwards stops one (drained first); nothing is lost."""
+    prof = cpu_profile(llama_dir, str(tmp_path / "cpu.json"))
+    s = ServerProc(["--model", llama_dir, "--served-model-name", "tiny", *planner_flags(prof),
+                    "--planner-min-gpus", "2", "--planner-max-gpus", "3",
+                    "--planner-set", "scale_in_delay_s=3", "--planner-set", "start_cooldown_s=2"], workers=2)
+    try:
+        s.wait_ready()
+        results: list = []
+        run_phase(s, 12, [(24, 16, 64, False)], results, "chat")
+        peak = len(s.cluster()["workers"])
+        end = time.monotonic() + 30
+        while time.monotonic() < end:
+            c = s.cluster()
+            if c["totals"]["workers_alive"] == 2 and any(e["event"] == "stopped" for e in c["planner"]["scaling"]):
+                break
+            time.sleep(0.5)
+        events = [(e["event"], e["worker"]) for e in c["planner"]["scaling"]]
+        assert peak == 3 and ("start", "w2") in events and ("started", "w2") in events, events
+        assert any(e == "stopped" for e, _ in events) and c["totals"]["workers_alive"] == 2, events
+        assert c["planner"]["status"]["starts"] >= 1 and c["planner"]["status"]["stops"] >= 1
+        assert not [r for r in results if r[5] is not None or r[3] != r[1]]
+        assert len({r[2] for r in results}) == len(results)
+        assert c["totals"]["worker_deaths"] == 0 and c["totals"]["requests_retried"] == 0
+        # the stopped worker is gone, its process too
+        stopped = [w for w in c["workers"] if w["state"] == "stopped"]
+        assert len(stopped) == 1 and c["runtime"]["workers"][stopped[0]["id"]]["returncode"] is not None
+    finally:
+        s.stop()
+
+
 def test_zero_traffic_60s_no_flip_no_nan(servers):
     idle, _ = servers
     while True:
@@ -208,3 +242,4 @@ def test_zero_traffic_60s_no_flip_no_nan(servers):
     assert m, "no tandem_* metrics"
     assert all(v == v and abs(v) != float("inf") for v in m.values()), [k for k, v in m.items() if v != v]
     assert m['tandem_planner_flips_total{direction="prefill->decode"}'] == 0
+
