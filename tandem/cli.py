@@ -352,6 +352,8 @@ def cmd_serve(args) -> int:
                             access_log=level == "DEBUG", timeout_graceful_shutdown=3, lifespan="on")
     server = uvicorn.Server(config)
     state.extra["uvicorn"] = server
+    from tandem.common.gcutil import freeze_startup_objects
+    freeze_startup_objects()      # the app, routes and imports are long-lived: keep them out of GC walks
     try:
         server.run()
     finally:

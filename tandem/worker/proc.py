@@ -385,9 +385,11 @@ def main(argv: list[str] | None = None) -> int:
         num_kv_blocks=int(engine.stats().kv_blocks_total), max_num_seqs=int(engine.config.max_num_seqs),
         vocab_size=int(getattr(getattr(engine, "model_config", None), "vocab_size", 0) or 0),
         host=socket.gethostname(), kv_addr=transfer.addr)
+    from tandem.common.gcutil import freeze_startup_objects
+    frozen = freeze_startup_objects()
     out.send(encode(ready))
-    log.info("worker %s ready (pid %d, %s, role %s, %d KV blocks)", args.worker_id, os.getpid(), ready.device,
-             args.role, ready.num_kv_blocks)
+    log.info("worker %s ready (pid %d, %s, role %s, %d KV blocks, %d start-up objects frozen out of the GC)",
+             args.worker_id, os.getpid(), ready.device, args.role, ready.num_kv_blocks, frozen)
     try:
         serve(core, inp, out, args.status_interval, parent_pid=parent)
     except (KeyboardInterrupt, SystemExit):
