@@ -277,17 +277,68 @@ def cmd_kv_prefill(a) -> None:
     agent.close()
 
 
+def _transfer_series(a, eng, ask, mode: str, n: int, seed: int) -> tuple[int, dict]:
+    """Warm-up + timed transfers of n-token prompts through one path; the first timed one is checked bitwise."""
+    import statistics
+    from tandem import SamplingParams
+    from tandem.transfer.kv import fetch_kv
+    dev = eng.runner.device
+    rows = []
+    for trial in range(a.warmup + a.trials):
+        seed += 1
+        check = trial == a.warmup
+        pre = ask({"op": "prefill", "rid": f"p-{mode}-{n}-{trial}", "n": n, "seed": seed, "sha": check})
+        ph: dict = {}
+        _sync(a.device)
+        t0 = time.perf_counter()
+        got = fetch_kv(a.kv, pre["rid"], 0, timeout_s=60, device=dev, phases=ph, direct=mode == "direct")
+        _sync(a.device)
+        t1 = time.perf_counter()
+        if got is None:
+            raise RuntimeError(f"fetch of {n} tokens failed (see the log above)")
+        kv, ack = got
+        nbytes = kv.data.numel() * kv.data.element_size()
+        rid = f"d-{mode}-{n}-{trial}"
+        eng.add_request(rid, kv.prompt_token_ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
+                        output_token_ids=kv.output_token_ids, kv_import=kv)
+        _sync(a.device)
+        t2 = time.perf_counter()
+        req = eng.requests[rid]
+        row = {"tokens": n, "bytes": nbytes, "fetch_s": t1 - t0, "import_s": t2 - t1, "path": ph.get("path"),
+               "reply_s": ph.get("reply"), "copy_s": ph.get("copy"),
+               "imported": req.num_computed_tokens == kv.num_tokens}
+        if check:
+            row["fetched_bitwise"] = sha(kv.data) == pre["sha"]
+            nblk = -(-kv.num_tokens // kv.block_size)
+            row["imported_bitwise"] = sha(eng.runner.read_blocks(req.block_table[:nblk])) == pre["sha"]
+        ack()
+        eng.abort_request(rid)
+        if trial >= a.warmup:
+            rows.append(row)
+    med = statistics.median(r["fetch_s"] for r in rows)
+    med_imp = statistics.median(r["fetch_s"] + r["import_s"] for r in rows)
+    res = {"mode": mode, "tokens": n, "bytes": rows[0]["bytes"], "path": rows[0]["path"],
+           "fetch_s_median": med, "fetch_gbps": _bytes_gbps(rows[0]["bytes"], med),
+           "fetch_import_gbps": _bytes_gbps(rows[0]["bytes"], med_imp),
+           "reply_s_median": statistics.median(r["reply_s"] for r in rows),
+           "copy_s_median": statistics.median(r["copy_s"] for r in rows),
+           "all_imported": all(r["imported"] for r in rows),
+           "fetched_bitwise": rows[0].get("fetched_bitwise"), "imported_bitwise": rows[0].get("imported_bitwise"),
+           "trials": rows}
+    print(f"transfer ({mode}) {n} tokens ({res['bytes'] / GIB:.3f} GiB, {res['path']}): fetch {med * 1e3:.2f} ms = "
+          f"{res['fetch_gbps']:.1f} GB/s (reply {res['reply_s_median'] * 1e3:.2f} ms, copy "
+          f"{res['copy_s_median'] * 1e3:.2f} ms); with import {res['fetch_import_gbps']:.1f} GB/s; bitwise "
+          f"fetched {res['fetched_bitwise']} imported {res['imported_bitwise']}", flush=True)
+    return seed, res
+
+
 def cmd_kv_decode(a) -> None:
     """Decode side: fetch each held prompt's KV through `fetch_kv` (CUDA IPC on one host) and import it
     into this Engine, timed; the first trial of each size is checked bitwise."""
-    import statistics
     import zmq
-    from tandem import SamplingParams
-    from tandem.transfer.kv import fetch_kv
     eng = _engine(a)
     ctl = zmq.Context.instance().socket(zmq.REQ)
     ctl.connect(a.ctl)
-    dev = eng.runner.device
 
     def ask(m):
         ctl.send(json.dumps(m).encode())
@@ -296,53 +347,14 @@ def cmd_kv_decode(a) -> None:
     results = []
     seed = 0
     for mode, n in [(m, int(x)) for m in a.modes.split(",") for x in a.sizes.split(",")]:
-        rows = []
-        for trial in range(a.warmup + a.trials):
-            seed += 1
-            check = trial == a.warmup
-            pre = ask({"op": "prefill", "rid": f"p{seed}", "n": n, "seed": seed, "sha": check})
-            ph: dict = {}
-            _sync(a.device)
-            t0 = time.perf_counter()
-            got = fetch_kv(a.kv, pre["rid"], 0, timeout_s=60, device=dev, phases=ph, direct=mode == "direct")
-            _sync(a.device)
-            t1 = time.perf_counter()
-            if got is None:
-                raise RuntimeError(f"fetch of {n} tokens failed (see the log above)")
-            kv, ack = got
-            nbytes = kv.data.numel() * kv.data.element_size()
-            rid = f"d{seed}"
-            eng.add_request(rid, kv.prompt_token_ids, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True),
-                            output_token_ids=kv.output_token_ids, kv_import=kv)
-            _sync(a.device)
-            t2 = time.perf_counter()
-            req = eng.requests[rid]
-            row = {"tokens": n, "bytes": nbytes, "fetch_s": t1 - t0, "import_s": t2 - t1, "path": ph.get("path"),
-                   "reply_s": ph.get("reply"), "copy_s": ph.get("copy"),
-                   "imported": req.num_computed_tokens == kv.num_tokens}
-            if check:
-                row["fetched_bitwise"] = sha(kv.data) == pre["sha"]
-                nblk = -(-kv.num_tokens // kv.block_size)
-                row["imported_bitwise"] = sha(eng.runner.read_blocks(req.block_table[:nblk])) == pre["sha"]
-            ack()
-            eng.abort_request(rid)
-            if trial >= a.warmup:
-                rows.append(row)
-        med = statistics.median(r["fetch_s"] for r in rows)
-        med_imp = statistics.median(r["fetch_s"] + r["import_s"] for r in rows)
-        res = {"mode": mode, "tokens": n, "bytes": rows[0]["bytes"], "path": rows[0]["path"],
-               "fetch_s_median": med, "fetch_gbps": _bytes_gbps(rows[0]["bytes"], med),
-               "fetch_import_gbps": _bytes_gbps(rows[0]["bytes"], med_imp),
-               "reply_s_median": statistics.median(r["reply_s"] for r in rows),
-               "copy_s_median": statistics.median(r["copy_s"] for r in rows),
-               "all_imported": all(r["imported"] for r in rows),
-               "fetched_bitwise": rows[0].get("fetched_bitwise"), "imported_bitwise": rows[0].get("imported_bitwise"),
-               "trials": rows}
+        try:
+            seed, res = _transfer_series(a, eng, ask, mode, n, seed)
+        except Exception as e:  # noqa: BLE001 - keep the other rows (a CUDA fault fails the rest of this process)
+            import traceback
+            traceback.print_exc()
+            res = {"mode": mode, "tokens": n, "error": f"{type(e).__name__}: {e}"}
+            seed += a.warmup + a.trials
         results.append(res)
-        print(f"transfer ({mode}) {n} tokens ({res['bytes'] / GIB:.3f} GiB, {res['path']}): fetch {med * 1e3:.2f} ms = "
-              f"{res['fetch_gbps']:.1f} GB/s (reply {res['reply_s_median'] * 1e3:.2f} ms, copy "
-              f"{res['copy_s_median'] * 1e3:.2f} ms); with import {res['fetch_import_gbps']:.1f} GB/s; bitwise "
-              f"fetched {res['fetched_bitwise']} imported {res['imported_bitwise']}", flush=True)
     served = ask({"op": "stats"})
     ask({"op": "quit"})
     print(json.dumps({"results": results, "served": served}), flush=True)
@@ -365,7 +377,7 @@ def part_transfer(a, peer: dict | None) -> dict:
         stop(pre)
     ref = (peer or {}).get("ipc_gbps")
     for r in res["results"]:
-        r["ratio_vs_ipc_peer_copy"] = r["fetch_gbps"] / ref if ref else None
+        r["ratio_vs_ipc_peer_copy"] = r["fetch_gbps"] / ref if ref and "fetch_gbps" in r else None
     return res
 
 
@@ -589,6 +601,9 @@ def print_tables(res: dict) -> None:
           "| fetched bitwise | imported bitwise |")
     print("|---|---:|---:|---|---:|---:|---:|---:|---|---|")
     for r in t.get("results", []):
+        if "error" in r:
+            print(f"| {r['mode']} | {r['tokens']} | failed: {r['error']} |")
+            continue
         print(f"| {r['mode']} | {r['tokens']} | {r['bytes'] / GIB:.3f} GiB | {r['path']} | {r['fetch_s_median'] * 1e3:.2f} | "
               f"{r['fetch_gbps']:.1f} | {fmt(r.get('ratio_vs_ipc_peer_copy'), 2)} | {r['fetch_import_gbps']:.1f} | "
               f"{fmt(r['fetched_bitwise'])} | {fmt(r['imported_bitwise'])} |")
