@@ -626,14 +626,18 @@ def print_tables(res: dict) -> None:
             print(f"part {k} FAILED: {res[k]['error']}")
 
 
+def _model_complete(d: str) -> bool:
+    """`tandem model init` writes the weights index (or the single shard) last."""
+    return Path(d, "model.safetensors.index.json").exists() or Path(d, "model.safetensors").exists()
+
+
 def ensure_model(a) -> None:
-    if a.model and Path(a.model, "config.json").exists():
-        return
+    """Use --model if it is a complete model dir, else write a random-weight --preset model there."""
     a.model = a.model or str(Path(a.out) / f"model_{a.preset}")
-    if Path(a.model, "config.json").exists():
+    if _model_complete(a.model):
         return
     t0 = time.monotonic()
-    cmd = [sys.executable, "-m", "tandem.cli", "model", "init", a.model, "--preset", a.preset]
+    cmd = [sys.executable, "-m", "tandem.cli", "model", "init", a.model, "--preset", a.preset, "--overwrite"]
     if a.device == "cpu":
         cmd += ["--device", "cpu", "--dtype", "float32"]
     subprocess.run(cmd, cwd=str(ROOT), env=child_env(None), check=True, timeout=600)
