@@ -35,7 +35,7 @@ class LocalConnector:
         self.spawn, self.terminate, self.drain_timeout_s = spawn, terminate, drain_timeout_s
         self.pending: dict[str, tuple[str, float]] = {}        # worker -> (target role, issued at)
         self.since: dict[str, float] = {}
-        self.flips_done: list[dict] = []
+        self.flips_done: deque[dict] = deque(maxlen=200)
         self.started: dict[str, float] = {}                    # spawned, Ready not seen yet
         self.scaling: deque[dict] = deque(maxlen=100)          # starts and stops, for /v1/cluster
         self._tasks: set[asyncio.Task] = set()
@@ -168,7 +168,7 @@ class ServerPlanner:
 
     def snapshot(self) -> dict:
         return {"enabled": True, "status": self.planner.status(), "flips": dict(self.planner.flips),
-                "completed_flips": self.connector.flips_done[-50:],
+                "completed_flips": list(self.connector.flips_done)[-50:],
                 "scaling": list(self.connector.scaling),
                 "decisions": [d.to_dict() for d in list(self.loop.decisions)[-50:]],
                 "last_inputs": self.planner.last_inputs, "ticks": self.loop.ticks,

@@ -174,6 +174,7 @@ def test_swing_flips_roles_and_back_losing_nothing(servers):
     # the server ran each request once: no retry, no dead worker; in-flight work moved with its KV
     tot = c["totals"]
     assert tot["requests_retried"] == 0 and tot["worker_deaths"] == 0, tot
+    assert tot["migrations"] >= 1, tot          # decode -> prefill moved in-flight requests with their KV
     finished = sum(v for k, v in m.items() if k.startswith("tandem_request_finish_total"))
     assert finished == len(results), (finished, len(results))
     # every decision says why, with its inputs
