@@ -10,7 +10,8 @@ Parts (each bounded in time; a failed part is reported and the next one runs):
   transfer  our transfer layer (the workers' code path): a prefill Engine + TransferAgent on GPU0 holds
             an N-token prompt's KV; a decode Engine on GPU1 fetches it with `fetch_kv` and imports it
             (`add_request(kv_import=...)`). Bandwidth and its ratio to the IPC peer copy (goal >= 0.8);
-            the fetched and the imported blocks are checked bitwise (sha256) against the source.
+            the fetched and the imported blocks are checked bitwise (sha256) against the source. Two
+            paths: `staged` (the workers' default) and `direct` (TANDEM_KV_DIRECT=1, no staging copy).
   serve     `tandem serve --prefill 1 --decode 1` vs `--workers 2` on the same GPUs with the same
             requests (`tandem bench --workload mixed`, fixed seed, saved once and replayed), plus the
             chat requests alone on 1P1D; one table: chat TTFT/TPOT p99, summarization throughput, chat
@@ -67,18 +68,28 @@ def spawn(sub: str, args: list[str], device: str | None, stdin=None) -> subproce
 
 
 def read_json_line(p: subprocess.Popen, timeout_s: float) -> dict:
-    """The next stdout line of a child that is JSON (other lines are echoed)."""
-    import select
+    """The next stdout line of a child that is JSON (other lines are echoed). A reader thread per child
+    feeds a queue, so lines that arrive together are never left waiting in a pipe buffer."""
+    import queue
+    import threading
+    if not hasattr(p, "lines"):
+        p.lines = queue.Queue()
+
+        def pump():
+            for line in p.stdout:
+                p.lines.put(line)
+            p.lines.put(None)
+        threading.Thread(target=pump, daemon=True).start()
     deadline = time.monotonic() + timeout_s
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"child {p.args[2]} gave no answer in {timeout_s:.0f}s")
-        r, _, _ = select.select([p.stdout], [], [], left)
-        if not r:
+        try:
+            line = p.lines.get(timeout=left)
+        except queue.Empty:
             continue
-        line = p.stdout.readline()
-        if not line:
+        if line is None:
             raise RuntimeError(f"child {p.args[2]} exited with {p.wait()}")
         if line.startswith("{"):
             return json.loads(line)
@@ -366,11 +377,11 @@ def part_transfer(a, peer: dict | None) -> dict:
     pre = spawn("_kv_prefill", common, dev0)
     dec = None
     try:
-        addrs = read_json_line(pre, 300)
+        addrs = read_json_line(pre, 180)
         dec = spawn("_kv_decode", common + ["--ctl", addrs["ctl"], "--kv", addrs["kv"], "--sizes", a.sizes,
                                             "--modes", a.modes,
                                             "--trials", str(a.trials), "--warmup", str(a.warmup)], dev1)
-        res = read_json_line(dec, 400)
+        res = read_json_line(dec, 240)
         dec.wait(30)
     finally:
         stop(dec)
