@@ -1,5 +1,6 @@
-"""The planner's local connector starting and stopping real worker processes (tiny model, CPU): a
-started worker is `starting` then takes work; a stopped decode worker drains — its streaming decodes
+"""The planner's local connector over real worker processes (tiny model, CPU): the only prefill
+worker flips to decode while it prefills (its prompts are handed off as usual, then everything is
+prefilled locally); a started worker is `starting` then takes work; a stopped decode worker drains — its streaming decodes
 move to another decode worker with their KV — and exits, with every request finished, token-identical
 to the same greedy requests run afterwards, and no worker counted dead or request retried."""
 from __future__ import annotations
@@ -62,6 +63,18 @@ async def _scenario(model_dir: str) -> None:
         assert await client.wait_ready(2, timeout=120)
         conn = LocalConnector(client, spawn=spawn, terminate=rt.stop_worker)
 
+        # ---- the prefill pool empties while it prefills: its prompts finish there and are handed off
+        long_prompts = [[(11 * i + j) % 200 + 10 for j in range(300 + i)] for i in range(3)]
+        lh = [_submit(client, f"l{i}", p) for i, p in enumerate(long_prompts)]
+        assert all(h.phase == "prefill" and h.worker_id == "w0" for h in lh)
+        conn.flip("w0", "decode")
+        louts = await asyncio.wait_for(asyncio.gather(*[_collect(h) for h in lh]), 120)
+        assert all(err is None and len(t) == N_TOK for t, err in louts), louts
+        await _until(lambda: [v.state for v in conn.workers() if v.worker_id == "w0"] == ["active"], 30,
+                     "the flip to complete")
+        assert client.workers["w0"].role == "decode" and client.num_handoffs >= 3
+        assert not client.alive_workers(("prefill",))
+
         # ---- start: `starting` until Ready, then an active decode worker that gets work
         new = conn.start_worker("decode")
         assert new == "w2"
@@ -76,7 +89,7 @@ async def _scenario(model_dir: str) -> None:
         handles = [_submit(client, f"a{i}", p) for i, p in enumerate(prompts)]
         runs = [asyncio.ensure_future(_collect(h)) for h in handles]
         await _until(lambda: any(len(h.output_token_ids) >= 4 for h in handles), 60, "first tokens")
-        on = {w: sum(1 for h in handles if h.worker_id == w) for w in ("w1", "w2")}
+        on = {w: sum(1 for h in handles if h.worker_id == w) for w in ("w0", "w1", "w2")}
         victim = max(on, key=on.get)
         assert on[victim] > 0
         conn.stop_worker(victim)
@@ -84,8 +97,8 @@ async def _scenario(model_dir: str) -> None:
         outs = await asyncio.wait_for(asyncio.gather(*runs), 120)
         assert all(err is None for _, err in outs), outs
         assert all(len(t) == N_TOK for t, _ in outs), [len(t) for t, _ in outs]
-        await _until(lambda: client.workers[victim].state == "stopped" and victim in rt.exited(), 60,
-                     "the stopped worker to exit")
+        await _until(lambda: client.workers[victim].state == "stopped" and victim in rt.exited()
+                     and conn.scaling[-1]["event"] == "stopped", 60, "the stopped worker to exit")
         assert client.num_migrations >= 1                 # its decodes moved with their KV
         assert client.num_worker_deaths == 0 and client.num_retried == 0
         assert victim not in {v.worker_id for v in conn.workers()}
@@ -94,6 +107,8 @@ async def _scenario(model_dir: str) -> None:
         # the same greedy requests on what is left: the same tokens (no request restarted wrongly)
         again = await asyncio.gather(*[_collect(_submit(client, f"b{i}", p)) for i, p in enumerate(prompts)])
         assert [t for t, _ in again] == [t for t, _ in outs]
+        again = await asyncio.gather(*[_collect(_submit(client, f"m{i}", p)) for i, p in enumerate(long_prompts)])
+        assert [t for t, _ in again] == [t for t, _ in louts]            # prefilled locally this time
     finally:
         await client.stop()
         rt.shutdown()
