@@ -117,3 +117,15 @@ def test_prefill_pool_empties_only_when_decode_can_absorb_it(prof):
         ds = pl.tick(view(10.0 + t, ws, mixed))
         assert not [d for d in ds if d.action == "flip"], [str(d) for d in ds]
     assert pl.last_inputs["measured"]["need_now_p"] >= 1
+
+
+def test_zero_traffic_keeps_either_split_no_nan(prof):
+    for split in ((1, 1), (0, 2)):
+        c = ToyCluster(prof, *split)
+        pl = Planner(cfg(), prof)
+        ds = run(c, pl, [(60, 0.0, 1, 1, "none")])
+        assert not [d for d in ds if d.action == "flip"]
+        assert c.split() == split
+        text = json.dumps(pl.status(), allow_nan=False)
+        assert "NaN" not in text and "Infinity" not in text
+        assert pl.status()["regime"] == "idle"
