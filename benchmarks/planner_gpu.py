@@ -17,6 +17,7 @@ this host's CLOCK_MONOTONIC. Writes DIR/planner.json, DIR/bench_*.json, DIR/serv
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -25,8 +26,18 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from disagg import ROOT, Server, bench, ensure_model, fmt, log, save_requests  # noqa: E402
+
+def _load_sibling(name: str):
+    """benchmarks/NAME.py as module `benchmarks_NAME` (a bare `disagg` would shadow the tests.disagg package)."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", Path(__file__).with_name(f"{name}.py"))
+    mod = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_d = _load_sibling("disagg")
+ROOT, Server, bench, ensure_model, fmt, log, save_requests = (
+    _d.ROOT, _d.Server, _d.bench, _d.ensure_model, _d.fmt, _d.log, _d.save_requests)
 
 
 # ============================================================================ analysis (pure)

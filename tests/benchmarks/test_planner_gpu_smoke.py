@@ -1,14 +1,16 @@
 """benchmarks/planner_gpu.py: the flip-timing analysis on constructed events, and the --smoke run end to end
 on CPU (tiny model, two CPU workers, a measured CPU profile), so the one-call GPU run does not rot."""
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from planner_gpu import analyze, lost_requests, swing_times  # noqa: E402
+_spec = importlib.util.spec_from_file_location("benchmarks_planner_gpu", ROOT / "benchmarks" / "planner_gpu.py")
+_pg = sys.modules[_spec.name] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_pg)
+analyze, lost_requests, swing_times = _pg.analyze, _pg.lost_requests, _pg.swing_times
 
 
 def test_swing_times():
