@@ -271,14 +271,33 @@ class PerfProfile:
         """Prompt tokens/s of one saturated prefill worker, prompts of mean length `isl`.
 
         Short prompts are packed into full steps of `chunk_tokens`; long prompts are chunked and
-        pay the growing attention cost of their own earlier chunks.
+        pay the growing attention cost of their own earlier chunks. A saturated worker packs a
+        prompt's last, partial chunk into a full step with the next prompt's first chunk, so the
+        tail costs its share of a full step, not a step of its own (charging the lone-prompt time
+        under-rated capacity by ~30 % for 2-3k-token prompts on the measured H100 8B profile).
         """
         m = self.chunk_tokens
-        full = m / max(self._step_time(m), 1e-9)
-        isl = nonneg(isl)
+        step_m = max(self._step_time(m), 1e-9)
+        full = m / step_m
+        isl = min(nonneg(isl), 1e12)
         if isl <= m:
             return full
-        return min(full, isl / max(self.prefill_time(isl), 1e-9))
+        key = ("cap", int(isl))
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        t, done, k = 0.0, 0.0, 0
+        while done < isl and k < 512:
+            c = min(m, isl - done)
+            t += step_m * c / m + self._ctx_extra(done, c)
+            done += c
+            k += 1
+        if done < isl:  # absurdly long prompt: the last chunk's cost per token
+            t += (isl - done) / m * (step_m + self._ctx_extra(done, m))
+        cap = min(full, isl / max(t, 1e-9))
+        if len(self._cache) < 100_000:
+            self._cache[key] = cap
+        return cap
 
     def knee_tokens(self, frac: float = 0.9) -> int:
         """Smallest profiled step size whose throughput is >= frac x the best one (<= chunk)."""

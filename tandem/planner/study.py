@@ -15,6 +15,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from typing import Any, Optional
@@ -99,7 +100,7 @@ def sim_argv(spec: dict) -> list[str]:
 
 def run_one(spec: dict) -> dict:
     """Simulate one spec; returns the spec with its results (never raises)."""
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     out = dict(spec)
     try:
         from tandem.sim.cli import build_parser
@@ -145,14 +146,16 @@ def run_one(spec: dict) -> dict:
         out.update({"ok": False, "error": f"{type(e).__name__}: {e}",
                     "traceback": traceback.format_exc()[-2000:]})
     out["wall_s"] = round(time.perf_counter() - t0, 2)
+    out["cpu_s"] = round(time.process_time() - c0, 2)
     return out
 
 
 def run_many(specs: list[dict], jobs: int, log=sys.stderr, timeout_s: Optional[float] = None,
              work_dir: Optional[str] = None) -> list[dict]:
-    """Run specs in `jobs` subprocesses; a run past `timeout_s` of wall time is killed and
-    reported as ``timed_out`` (in this study only static splits that leave one pool far too small
-    run that long: their queues grow without bound)."""
+    """Run specs in `jobs` subprocesses; a run past `timeout_s` of CPU time (RLIMIT_CPU, so a
+    busy shared machine does not kill runs that merely wait for a core) is stopped and reported as
+    ``timed_out`` (in this study only splits that leave one pool far too small run that long:
+    their queues grow without bound and every step scans them)."""
     import subprocess
     import tempfile
     work = work_dir or tempfile.mkdtemp(prefix="tandem-study-")
@@ -167,17 +170,14 @@ def run_many(specs: list[dict], jobs: int, log=sys.stderr, timeout_s: Optional[f
             code = ("import json,sys; from tandem.planner.study import run_one; "
                     "json.dump(run_one(json.loads(sys.argv[1])), open(sys.argv[2], 'w'))")
             p = subprocess.Popen([sys.executable, "-c", code, json.dumps(s), path],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                 preexec_fn=_cpu_limit(timeout_s))
             running.append((p, s, path, time.perf_counter()))
         time.sleep(0.2)
         for item in list(running):
             p, s, path, t0 = item
             if p.poll() is None:
-                if timeout_s is not None and time.perf_counter() - t0 > timeout_s:
-                    p.kill()
-                    p.wait()
-                else:
-                    continue
+                continue
             running.remove(item)
             if os.path.exists(path):
                 with open(path) as f:
@@ -185,9 +185,9 @@ def run_many(specs: list[dict], jobs: int, log=sys.stderr, timeout_s: Optional[f
                 os.remove(path)
             else:
                 err = (p.stderr.read().decode(errors="replace")[-1500:] if p.stderr else "")
-                timed = timeout_s is not None and time.perf_counter() - t0 > timeout_s
+                timed = timeout_s is not None and p.returncode in (-signal.SIGXCPU, -signal.SIGKILL)
                 r = {**s, "ok": False, "timed_out": timed,
-                     "error": f"timed out after {timeout_s:.0f} s wall" if timed else f"crashed: {err}",
+                     "error": f"stopped after {timeout_s:.0f} s of CPU" if timed else f"crashed: {err}",
                      "wall_s": round(time.perf_counter() - t0, 1)}
             if p.stderr:
                 p.stderr.close()
@@ -196,12 +196,24 @@ def run_many(specs: list[dict], jobs: int, log=sys.stderr, timeout_s: Optional[f
     return res
 
 
+def _cpu_limit(timeout_s: Optional[float]):
+    if timeout_s is None:
+        return None
+    t = max(1, int(timeout_s))
+
+    def limit() -> None:
+        import resource
+        resource.setrlimit(resource.RLIMIT_CPU, (t, t + 10))
+    return limit
+
+
 def _log(r: dict, log) -> None:
     if r.get("ok"):
         print(f"  {r['workload']:>12} G={r['gpus']:<4} {r['policy']:<14} P={r['prefill']:<4} "
               f"att={r['slo_attainment']:.3f} gp/gpu={r['goodput_per_gpu'] or 0:.3f} "
               f"gpuh={r['gpu_hours']:.3f} flips={r['flips']} starts={r['starts']} "
-              f"stops={r['stops']} failed={r['failed']} wall={r['wall_s']}s", file=log, flush=True)
+              f"stops={r['stops']} failed={r['failed']} cpu={r.get('cpu_s')}s wall={r['wall_s']}s",
+              file=log, flush=True)
     else:
         print(f"  FAILED {r.get('workload')} {r.get('policy')} P={r.get('prefill')}: {r.get('error')}",
               file=log, flush=True)
@@ -288,9 +300,15 @@ def _wl_order(name: str) -> tuple:
     return (list(WORKLOADS).index(base) if base in WORKLOADS else 99, name)
 
 
+def _cpu_wall(r: dict) -> str:
+    cpu = r.get("cpu_s")
+    return (f"{cpu:.0f} ({r.get('wall_s', 0):.0f})" if cpu is not None else
+            f"- ({r.get('wall_s', 0):.0f})")
+
+
 def table(results: list[dict]) -> str:
     rows = ["| workload | GPUs | policy | prefill:decode (start) | SLO attainment | goodput req/s | "
-            "goodput/GPU | GPU-hours | vs best static (goodput/GPU) | flips | starts/stops | failed | wall s |",
+            "goodput/GPU | GPU-hours | vs best static (goodput/GPU) | flips | starts/stops | failed | CPU s (wall s) |",
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keyf = lambda r: (label(r), r["gpus"])  # noqa: E731
     groups: dict = {}
@@ -307,14 +325,14 @@ def table(results: list[dict]) -> str:
             name = "best static" if r is bs else r["policy"]
             if not r.get("ok"):
                 rows.append(f"| {label(r)} | {r['gpus']} | {name} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
-                            f"did not finish: {str(r.get('error', '?'))[:50]} | | | | | | | | {r.get('wall_s', 0):.0f} |")
+                            f"did not finish: {str(r.get('error', '?'))[:50]} | | | | | | | | {_cpu_wall(r)} |")
                 continue
             rel = (r["goodput_per_gpu"] / bs["goodput_per_gpu"]) if bs and bs["goodput_per_gpu"] else math.nan
             rows.append(
                 f"| {label(r)} | {r['gpus']} | {name} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
                 f"{100 * r['slo_attainment']:.1f}% | {r['goodput']:.2f} | {r['goodput_per_gpu']:.3f} | "
                 f"{r['gpu_hours']:.2f} | {rel:.2f}x | {r['flips']} | {r['starts']}/{r['stops']} | "
-                f"{r['failed']} | {r['wall_s']:.0f} |")
+                f"{r['failed']} | {_cpu_wall(r)} |")
     return "\n".join(rows)
 
 
@@ -436,7 +454,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--cands", action="append", default=[], metavar="WORKLOAD=P1,P2,...",
                    help="static prefill counts to try first (default: all for G<=8, else 20..80%%)")
     r.add_argument("--jobs", type=int, default=2)
-    r.add_argument("--timeout", type=float, default=None, help="wall seconds per static run")
+    r.add_argument("--timeout", type=float, default=None, help="CPU seconds per static run (dynamic runs: 2x)")
     r.add_argument("--extra", default="{}", help="JSON merged into every spec")
     r.add_argument("--out", required=True)
     rp = sub.add_parser("report")
