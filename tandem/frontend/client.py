@@ -94,7 +94,7 @@ class RequestHandle:
         self.retries = 0
         self.phase = "single"            # "single" | "prefill" (remote prefill) | "decode" (after handoff)
         self.output_token_ids: list[int] = []   # tokens streamed so far (for handoff / migration)
-        self.unsent_text_chars = 0       # first token's text held back at a handoff (stop strings)
+        self.unsent_text_chars = 0       # text held back at a handoff or migration (stop strings)
 
     def retryable(self) -> bool:
         return self.n_yielded == 0 and self.attempts <= self.client.max_retries
@@ -382,7 +382,7 @@ class EngineClient:
         g = Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority,
                      output_token_ids=list(h.output_token_ids),
                      kv_source={"addr": source.kv_addr, "request_id": h.request_id} if source.kv_addr else None,
-                     unsent_text_chars=h.unsent_text_chars if reason == "handoff" else 0)
+                     unsent_text_chars=h.unsent_text_chars)
         h.phase = "decode"
         if reason == "handoff":
             self.num_handoffs += 1
@@ -532,6 +532,7 @@ class EngineClient:
             return
         self.router.on_finish(m.worker_id, m.request_id)
         h.output_token_ids = list(m.output_token_ids)
+        h.unsent_text_chars = m.unsent_text_chars
         src = self.workers.get(m.worker_id)
         if src is None or not self._continue_on_decode(h, src, "migrate"):
             h.done_on_worker = True

@@ -92,9 +92,15 @@ class WorkerCore:
                 if last is None:
                     continue                    # it finished in the step in flight: its output follows
                 self.active.discard(rid)
+                # a detached request's last delta carries all unsent text: keep back what could start a
+                # stop string (as the engine would); the worker that continues streams it
+                stops = req.params.stop or []
+                keep = min(len(last.new_text), max((len(x) for x in stops), default=1) - 1)
+                if keep > 0:
+                    last.new_text = last.new_text[:-keep]
                 if last.new_token_ids or last.new_text:
                     self.send(Deltas(self.worker_id, [Delta.from_output(last)]))
-                self.send(Migrated(self.worker_id, rid, list(req.output_token_ids), self.transfer.addr))
+                self.send(Migrated(self.worker_id, rid, list(req.output_token_ids), self.transfer.addr, keep))
                 moved += 1
         self.num_migrated += moved
         flip_s = time.perf_counter() - t0

@@ -127,6 +127,7 @@ class Migrated:
     request_id: str
     output_token_ids: list[int]
     kv_addr: str
+    unsent_text_chars: int = 0           # trailing chars of the text held back (stop strings): the next worker streams them
 
 
 @dataclass

@@ -150,6 +150,34 @@ def test_flip_to_decode_reports_its_drain(core, engine):
     assert core.status().stats["last_flip"]["drain_s"] is not None
 
 
+def test_migration_holds_back_a_possible_stop_string_start(engine, llama_dir):
+    """A decode worker flipped to prefill hands its requests on: like the engine's own hold-back, the
+    last (longest stop - 1) characters stay unsent and Migrated says how many, so the worker that
+    continues streams them (and a stop string spanning the move is never shown)."""
+    from tandem.transfer.agent import TransferAgent
+    from tandem.worker.proc import WorkerCore
+    from tandem.worker.protocol import Migrated
+    sent: list = []
+    agent = TransferAgent(engine, threading.Lock())
+    core = WorkerCore(engine, "w0", "decode", send=sent.append, transfer=agent)
+    try:
+        stop = "@@@@"                                       # never produced: generation runs on
+        core.handle(Generate("m", list(range(20, 40)), SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                                      stop=[stop]).to_dict()))
+        for _ in range(8):
+            core.step()
+        core.handle(SetRole("prefill"))
+        streamed = "".join(d.new_text for m in sent if isinstance(m, Deltas) for d in m.outputs)
+        mig = [m for m in sent if isinstance(m, Migrated)]
+        full = engine.held["m"].text
+        assert len(mig) == 1 and full.startswith(streamed) and len(full) > len(stop)
+        assert mig[0].unsent_text_chars == len(full) - len(streamed) == len(stop) - 1
+        assert decode(encode(mig[0])) == mig[0]
+    finally:
+        engine.release_kv("m")
+        agent.close()
+
+
 def test_serve_loop_over_zmq(engine):
     from tandem.worker.proc import WorkerCore, serve
     ctx = zmq.Context()
