@@ -135,3 +135,5 @@ PY
 REALS=""; for SL in $SLICES; do REALS="$REALS $OUT/real_${SL%%:*}.json"; done
 python3 benchmarks/gclog/overlap.py "$OUT" "$OUT/profile_cal.json" $REALS | tee -a "$OUT/validation.md"
 stamp "done"
+# the device tool returns at most 8 files: pack the raw reports and logs into one archive
+(cd "$OUT" && tar czf raw.tgz --remove-files real_*.json sim_*.json warmup.* serve.log bench_*.log 2>/dev/null; ls)
