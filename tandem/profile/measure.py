@@ -18,6 +18,13 @@ from tandem.common.sampling import SamplingParams
 
 
 # --------------------------------------------------------------------------- ceilings
+def _is_sync_warning(msg: str) -> bool:
+    """A sync reported by torch.cuda sync debug mode; not torch's own notice that the mode is a
+    prototype ("Synchronization debug mode is a prototype feature ..."), which is no sync."""
+    m = msg.lower()
+    return "synchroniz" in m and "debug mode" not in m
+
+
 def _sync():
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -251,7 +258,7 @@ class EngineProbe:
                         eng.step()
                 finally:
                     torch.cuda.set_sync_debug_mode(0)
-            syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message).lower()]
+            syncs = [m for m in (str(w.message) for w in caught) if _is_sync_warning(m)]
             ahead = eng.num_steps_ahead - ahead0
         finally:
             eng.async_scheduling = saved
