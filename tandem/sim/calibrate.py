@@ -17,11 +17,16 @@ step, so the client's per-chunk receive times (`tandem bench` records them) clus
 cluster starts when the gap to the previous receive exceeds `--join-ms` or a request repeats. For
 every pair of consecutive clusters while the engine is busy (a request in both), the gap is a step's
 duration and the cluster says its batch: its sequences, which of them are new (first token) and their
-contexts, hence T_profile. Ordinary least squares of (gap - T_profile) on (1, n_seqs, n_new), with
-terms that come out negative dropped, gives a, s, n; the quantiles of (gap - T_profile - a - s*n_seqs)
-over the steps that admitted one request give n's distribution (`new_q`), which the simulated engine
-samples per request. Steps that may hold a chunk of a prompt longer
-than the token budget are left out (their chunks are invisible). The per-request term r is then the
+contexts, hence T_profile (a prompt's prefill work is its tokens less its prefix-cache hits). With
+async scheduling a step that admits a prompt is launched before the previous step's tokens are handed
+out, so the admission stall shows in the gap before the *previous* step and the two steps' tokens
+arrive back to back: an admitting step is taken together with the step before it (one sample of two
+steps). a and s come from the decode-only steps by least squares of (gap - T_profile) on (1, n_seqs)
+(a negative term dropped); n is the mean of what admitting samples add beyond T_profile + a*steps +
+s*n_seqs, and its quantiles over samples that admitted one request give n's distribution (`new_q`),
+which the simulated engine samples per request. (Pooling all steps in one fit, as before, put the
+admission stalls into the decode steps: run 2's slice A fit had residual rms 1.8 ms, now 0.54 ms.)
+Steps that may hold a chunk of a prompt longer than the token budget are left out (invisible chunks). The per-request term r is then the
 one number that makes the simulated TTFT p50 equal the real one (a common delay before the router
 shifts every TTFT by the same amount).
 
@@ -53,20 +58,57 @@ def _get(m: dict, k: str, q: str | None):
     return v.get(q) if (q and isinstance(v, dict)) else v
 
 
+def _pct(v: list[float], q: float) -> float:
+    """Percentile with linear interpolation (as the report's summaries), v sorted."""
+    pos = q * (len(v) - 1)
+    j = int(pos)
+    return v[j] + (v[j + 1] - v[j]) * (pos - j) if j + 1 < len(v) else v[-1]
+
+
+def latency_samples(report: dict, key: str) -> list[float]:
+    """Per-request TTFT or TPOT (ms) of the successful requests (TPOT as vLLM: (E2E-TTFT)/(out-1))."""
+    out = []
+    for r in report.get("requests") or []:
+        if r.get("status") != "ok" or r.get("ttft_s") is None:
+            continue
+        if key == "ttft_ms":
+            out.append(r["ttft_s"] * 1e3)
+        elif key == "tpot_ms" and (r.get("output_tokens") or 0) > 1 and r.get("e2e_s") is not None:
+            out.append((r["e2e_s"] - r["ttft_s"]) * 1e3 / (r["output_tokens"] - 1))
+    return out
+
+
+def bootstrap_interval(xs: list[float], q: float = 0.9, n: int = 300, conf: float = 0.9,
+                       seed: int = 7) -> tuple[float, float] | None:
+    """`conf` bootstrap interval of the q-quantile of xs (fixed seed: tables are reproducible): how much
+    a percentile of a few hundred requests moves by chance alone. None with fewer than 20 samples."""
+    import random
+    if len(xs) < 20:
+        return None
+    rng = random.Random(seed)
+    k = len(xs)
+    est = sorted(_pct(sorted(rng.choices(xs, k=k)), q) for _ in range(n))
+    lo = (1.0 - conf) / 2
+    return _pct(est, lo), _pct(est, 1.0 - lo)
+
+
 def table(real: dict, sim: dict, verdict: bool = False, tol: float = TOLERANCE) -> str:
-    """Markdown table of the overall summaries of two reports (with a within-`tol` column if asked)."""
+    """Markdown table of the overall summaries of two reports (with a within-`tol` column if asked).
+    p50/p90 rows also show the real value's 90% bootstrap interval over its requests (run-to-run noise)."""
     a, b = real["summary"]["overall"], sim["summary"]["overall"]
-    head = "| metric | real | sim | sim/real |" + (f" within {tol:.0%} |" if verdict else "")
-    lines = [head, "|---|---|---|---|" + ("---|" if verdict else "")]
+    head = "| metric | real | real 90% CI | sim | sim/real |" + (f" within {tol:.0%} |" if verdict else "")
+    lines = [head, "|---|---|---|---|---|" + ("---|" if verdict else "")]
     for name, k, q in ROWS:
         x, y = _get(a, k, q), _get(b, k, q)
+        ci = bootstrap_interval(latency_samples(real, k), 0.5 if q == "p50" else 0.9) if q else None
+        cis = f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "-"
         if x is None or y is None or not x:
-            lines.append(f"| {name} | {x} | {y} | - |" + (" no |" if verdict else ""))
+            lines.append(f"| {name} | {x} | {cis} | {y} | - |" + (" no |" if verdict else ""))
             continue
         ratio = y / x
         ok = abs(ratio - 1.0) <= tol
         mark = (" yes |" if ok else " NO |") if verdict else ""
-        lines.append(f"| {name} | {x:.2f} | {y:.2f} | {ratio:.3f} |{mark}")
+        lines.append(f"| {name} | {x:.2f} | {cis} | {y:.2f} | {ratio:.3f} |{mark}")
     return "\n".join(lines)
 
 
@@ -82,28 +124,37 @@ def all_within(real: dict, sim: dict, tol: float = TOLERANCE) -> bool:
 # ----------------------------------------------------------------------------- step timeline
 @dataclass(frozen=True)
 class StepSample:
-    """One engine step seen on the client: its duration and batch, and what the profile says."""
+    """One engine step (or two, `steps` = 2) seen on the client: duration, batch, what the profile says."""
     t_s: float            # when its tokens arrived (first receive)
     gap_s: float          # since the previous step's tokens
-    model_s: float        # T_profile of its batch
-    n_seqs: int
+    model_s: float        # T_profile of its batch (sum over its steps)
+    n_seqs: int           # sequences in it (summed over its steps)
     n_new: int            # requests whose first token it produced
-    prefill_tokens: int
+    prefill_tokens: int   # prompt tokens it computed (prefix-cache hits excluded)
+    steps: int = 1
 
 
 def step_samples(report: dict, profile, join_s: float = 0.0004, token_budget: int | None = None) -> list[StepSample]:
-    """Engine steps of a one-worker run, rebuilt from the per-chunk receive times (module docstring)."""
+    """Engine steps of a one-worker run, rebuilt from the per-chunk receive times (module docstring).
+
+    With async scheduling the engine launches a step that admits a prompt (an eager prefill: ~7 ms of
+    host launches) before it hands out the previous step's tokens, so those tokens arrive late and the
+    admitting step's tokens right behind them: the stall lands in the gap *before* the previous
+    step. A step that admits requests is therefore taken together with the step before it (one
+    sample, `steps` = 2, its gap spanning both), and the decode-only samples stay clean. A prompt's
+    prefill work is its tokens less its prefix-cache hits (`cached_tokens` of the record)."""
     budget = token_budget or profile.max_num_batched_tokens
     recs = [r for r in report.get("requests", []) if r.get("status") == "ok" and r.get("token_times_s")]
     events = []
     chunked = []                                      # (send, first token) of prompts longer than the budget
-    isl = {}
+    isl, new_tok = {}, {}
     for r in recs:
         s0 = r["arrival_s"] + (r.get("dispatch_lag_s") or 0.0)
         isl[r["idx"]] = int(r["isl"])
+        new_tok[r["idx"]] = max(1, int(r["isl"]) - int(r.get("cached_tokens") or 0))
         for i, t in enumerate(r["token_times_s"]):
             events.append((s0 + t, r["idx"], i))
-        if r["isl"] > budget:
+        if new_tok[r["idx"]] > budget:
             chunked.append((s0, s0 + r["token_times_s"][0]))
     if not events:
         raise ValueError("the report has no per-token times (tandem bench records them for streamed requests)")
@@ -117,21 +168,41 @@ def step_samples(report: dict, profile, join_s: float = 0.0004, token_budget: in
         else:
             clusters.append([t, t, {idx: i}])
     chunked.sort()
-    out = []
-    for a, b in zip(clusters, clusters[1:]):
-        ids = b[2]
-        if not ids.keys() & a[2].keys():
-            continue                                   # the engine may have idled in between
-        t = b[0]
-        if any(s < t <= f + join_s for s, f in chunked):
-            continue                                   # may hold an invisible prompt chunk
+
+    def model(ids: dict) -> tuple[float, int, int]:
         new = [k for k, i in ids.items() if i == 0]
-        pf = sum(isl[k] for k in new)
-        if pf > budget:
-            continue
+        pf = sum(new_tok[k] for k in new)
         nd = len(ids) - len(new)
         ctx = sum(isl[k] + i for k, i in ids.items() if i > 0)
-        out.append(StepSample(t, t - a[0], profile.step_time(nd, ctx, pf), len(ids), len(new), pf))
+        xc = sum(profile.ctx_extra(isl[k] - new_tok[k], new_tok[k]) for k in new)
+        return profile.step_time(nd, ctx, pf, xc), len(new), pf
+
+    def busy(j: int) -> bool:                          # clusters j-1 and j share a request: no idle between
+        return j > 0 and bool(clusters[j][2].keys() & clusters[j - 1][2].keys())
+
+    def hidden(t: float) -> bool:
+        return any(s < t <= f + join_s for s, f in chunked)
+
+    out = []
+    for j in range(1, len(clusters)):
+        b = clusters[j]
+        if not busy(j) or hidden(b[0]):
+            continue                                   # idle in between, or an invisible prompt chunk
+        m, n_new, pf = model(b[2])
+        if pf > budget:
+            continue
+        if j + 1 < len(clusters) and busy(j + 1) and any(i == 0 for i in clusters[j + 1][2].values()):
+            continue                                   # its gap holds the next step's prefill (pair below)
+        if n_new:
+            if j < 2 or not busy(j - 1) or hidden(clusters[j - 1][0]):
+                continue
+            m0, n0, pf0 = model(clusters[j - 1][2])
+            if n0:
+                continue                               # two admitting steps in a row: leave them out
+            out.append(StepSample(b[0], b[0] - clusters[j - 2][0], m0 + m, len(b[2]) + len(clusters[j - 1][2]),
+                                  n_new, pf, 2))
+        else:
+            out.append(StepSample(b[0], b[0] - clusters[j - 1][0], m, len(b[2]), 0, 0, 1))
     return out
 
 
@@ -153,35 +224,41 @@ def _solve(rows: list[list[float]], ys: list[float]) -> list[float]:
 
 
 def fit_step_overheads(samples: list[StepSample]) -> dict:
-    """a, s, n (seconds) of `step = T_profile + a + s*n_seqs + n*n_new` by least squares; a term that
-    comes out negative is fixed at 0 and the rest refitted. With no new-request steps, n = 0."""
-    if len(samples) < 20:
-        raise ValueError(f"only {len(samples)} busy engine steps in the run: too few to measure overheads")
-    cols = {"step_s": lambda x: 1.0, "seq_s": lambda x: float(x.n_seqs), "new_s": lambda x: float(x.n_new)}
-    active = [c for c in cols if c != "new_s" or any(x.n_new for x in samples)]
-    ys = [x.gap_s - x.model_s for x in samples]
-    while True:
-        rows = [[cols[c](x) for c in active] for x in samples]
+    """a, s, n (seconds) of `step = T_profile + a + s*n_seqs + n*n_new`, each from the steps that show it:
+    a and s by least squares on the decode-only steps (a term that comes out negative is fixed at 0
+    and the other refitted), then n as the mean of what the admitting samples add beyond
+    T_profile + a*steps + s*n_seqs, per admitted request (0 if negative or none)."""
+    dec = [x for x in samples if x.n_new == 0 and x.steps == 1]
+    if len(dec) < 20:
+        raise ValueError(f"only {len(dec)} busy decode-only engine steps in the run: too few to measure overheads")
+    cols = {"step_s": lambda x: float(x.steps), "seq_s": lambda x: float(x.n_seqs)}
+    active = list(cols)
+    coef: dict = {}
+    while active:
         try:
-            coef = dict(zip(active, _solve(rows, ys)))
+            coef = dict(zip(active, _solve([[cols[c](x) for c in active] for x in dec],
+                                           [x.gap_s - x.model_s for x in dec])))
         except ValueError:
             if len(active) == 1:
                 raise
-            active = active[:-1]
+            active = active[:1]                        # one batch size only: a alone
             continue
         neg = [c for c in active if coef[c] < 0]
         if not neg:
             break
         active = [c for c in active if c not in neg]
-        if not active:
-            coef = {}
-            break
+        coef = {}
     fit = {c: max(0.0, coef.get(c, 0.0)) for c in cols}
-    pred = [fit["step_s"] + fit["seq_s"] * x.n_seqs + fit["new_s"] * x.n_new for x in samples]
+    base = lambda x: x.model_s + fit["step_s"] * x.steps + fit["seq_s"] * x.n_seqs   # noqa: E731
+    adm = [x for x in samples if x.n_new]
+    fit["new_s"] = max(0.0, sum((x.gap_s - base(x)) / x.n_new for x in adm) / len(adm)) if adm else 0.0
+    pred = [base(x) + fit["new_s"] * x.n_new for x in samples]
     fit["steps"] = len(samples)
+    fit["decode_steps"] = len(dec)
+    fit["admitting_samples"] = len(adm)
     fit["busy_s"] = sum(x.gap_s for x in samples)
     fit["profile_s"] = sum(x.model_s for x in samples)
-    fit["resid_rms_s"] = (sum((y - p) ** 2 for y, p in zip(ys, pred)) / len(ys)) ** 0.5
+    fit["resid_rms_s"] = (sum((x.gap_s - p) ** 2 for x, p in zip(samples, pred)) / len(samples)) ** 0.5
     return fit
 
 
@@ -190,7 +267,7 @@ def by_batch(samples: list[StepSample], fit: dict, width: int = 8) -> list[tuple
     nobody: how well T_profile + a + s*b follows the real step time across batch sizes."""
     bins: dict[int, list] = {}
     for x in samples:
-        if x.n_new == 0:
+        if x.n_new == 0 and x.steps == 1:
             bins.setdefault(x.n_seqs // width * width, []).append(x)
     out = []
     for b in sorted(bins):
@@ -205,7 +282,7 @@ def admission_quantiles(samples: list[StepSample], fit: dict, floor_s: float, po
                         min_steps: int = 20) -> list[float] | None:
     """Quantiles (p0..p100 in `points` steps) of the admission time n seen in steps that admitted one
     request: gap - T_profile - a - s*n_seqs, floored at `floor_s`. None with fewer than `min_steps`."""
-    ex = sorted(max(floor_s, x.gap_s - x.model_s - fit["step_s"] - fit["seq_s"] * x.n_seqs)
+    ex = sorted(max(floor_s, x.gap_s - x.model_s - fit["step_s"] * x.steps - fit["seq_s"] * x.n_seqs)
                 for x in samples if x.n_new == 1)
     if len(ex) < min_steps:
         return None
@@ -245,7 +322,8 @@ def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[d
     samples = step_samples(real, prof, join_ms / 1e3, args.max_num_batched_tokens)
     fit = fit_step_overheads(samples)
     if log:
-        log(f"{fit['steps']} busy steps: real {fit['busy_s']:.2f} s, profile {fit['profile_s']:.2f} s -> "
+        log(f"{fit['steps']} busy samples ({fit['decode_steps']} decode-only steps, {fit['admitting_samples']} admitting "
+            f"step pairs): real {fit['busy_s']:.2f} s, profile {fit['profile_s']:.2f} s -> "
             f"a {fit['step_s'] * 1e3:.3f} ms/step, s {fit['seq_s'] * 1e3:.4f} ms/seq, "
             f"n {fit['new_s'] * 1e3:.3f} ms/new request (residual rms {fit['resid_rms_s'] * 1e3:.2f} ms)")
     if log:
