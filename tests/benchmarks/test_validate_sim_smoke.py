@@ -5,6 +5,7 @@ import json
 import os
 import socket
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,8 @@ def test_validate_sim_smoke(tmp_path, llama_dir):
     r = subprocess.run(["bash", "benchmarks/validate_sim.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=240)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    with tarfile.open(tmp_path / "raw.tgz") as tf:                   # the script packs the raw reports
+        tf.extractall(tmp_path, filter="data")
     md = (tmp_path / "validation.md").read_text()
     assert "calibration slice" in md and "HELD-OUT slice" in md and md.count("| TTFT p90 ms |") == 4
     sv = json.loads((tmp_path / "profile_cal.json").read_text())["serving_overhead"]
