@@ -15,6 +15,7 @@ see benchmarks/run_engine_gpu.sh and docs/benchmarks.md).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import gc
 import json
@@ -381,6 +382,10 @@ def bench_preset(preset: str, args, ceil: dict, models_dir: Path) -> dict:
     graphs = eng.runner.graphs
     log(f"engine up in {start_s:.1f}s (weights {took[0]:.1f}s, graphs {graphs.capture_s if graphs else 0:.1f}s); "
         f"KV {eng.kv.pool.num_blocks * eng.kv.block_size} tokens")
+    gemv_rows = [dataclasses.asdict(c) for c in eng.runner.gemv_choices]
+    for c in gemv_rows:
+        log(f"  gemv {c['role']} [{c['n']} x {c['k']}]: unfused {c['unfused_us']:.1f} us/layer, triton "
+            f"{c['best']} {c['best_us']:.1f} us -> {'triton' if c['chosen'] else 'unfused'}")
     probe = EngineProbe(eng)
     engine_generate_tps(llm, 4, prompt=64, new=16)        # warm every path once (lazy module loads)
     wbytes = decode_weight_bytes(eng.runner.model)
@@ -388,7 +393,8 @@ def bench_preset(preset: str, args, ceil: dict, models_dir: Path) -> dict:
     bw = ceil["copy_gbps"] * 1e9
     out = {"preset": preset, "model_init_s": init_s, "worker_start_s": start_s, "weight_load_s": took[0],
            "graph_capture_s": graphs.capture_s if graphs else None, "weight_bytes": wbytes,
-           "kv_bytes_per_token": kvb, "kv_capacity_tokens": probe.kv_capacity_tokens(), "decode": [], "prefill": []}
+           "kv_bytes_per_token": kvb, "kv_capacity_tokens": probe.kv_capacity_tokens(), "decode": [], "prefill": [],
+           "gemv": gemv_rows}
 
     points = DECODE_POINTS if not args.quick else [(1, 1024), (32, 1024), (64, 2048), (256, 1024)]
     if args.points:
@@ -529,6 +535,11 @@ def table(results: list[dict], ceil: dict) -> str:
             L.append(f"{r['preset']} decode b={b['batch']} ctx={b['ctx']} {'async' if b.get('async') else 'sync'} "
                      f"step breakdown (ms): " + ", ".join(
                          f"{k} {v * 1e3:.3f}" for k, v in b.items() if k not in ("batch", "ctx", "async")))
+        for c in r.get("gemv", []):
+            gbs = [c['n'] * c['k'] * 2 / (us * 1e3) for us in (c['unfused_us'], c['best_us'])]   # bf16 weight bytes
+            L.append(f"{r['preset']} one-row GEMV {c['role']} [{c['n']} x {c['k']}]: unfused {c['unfused_us']:.1f} "
+                     f"us/layer ({gbs[0]:.0f} GB/s), triton {c['best_us']:.1f} us ({gbs[1]:.0f} GB/s, {c['best']}) -> "
+                     f"{'triton' if c['chosen'] else 'unfused'}")
         L.append(f"{r['preset']}: weights {r['weight_bytes'] / 1e9:.2f} GB, KV {r['kv_bytes_per_token']} B/token, "
                  f"KV capacity {r['kv_capacity_tokens']} tokens, worker start {r['worker_start_s']:.1f}s "
                  f"(weights {r['weight_load_s']:.1f}s, graph capture {r['graph_capture_s'] or 0:.1f}s)")

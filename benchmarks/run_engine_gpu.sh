@@ -4,6 +4,7 @@
 #   bash benchmarks/run_engine_gpu.sh full    # full table for llama-3.1-8b and llama-3.2-1b + profiles + HF (~4 min)
 #   bash benchmarks/run_engine_gpu.sh final   # graph-timed kernel microbenchmarks, per-kernel decode traces, qwen3-8b (~8 min)
 #   bash benchmarks/run_engine_gpu.sh async   # async-scheduling GPU test + decode async vs sync, 1B and 8B (~6 min)
+#   bash benchmarks/run_engine_gpu.sh gemv    # one-row Triton GEMV: kernel tests, decode with it on and off (~4.5 min)
 # Results go to $OUT (log.txt, *.json, table.md, profiles/).
 set -o pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
@@ -31,5 +32,16 @@ async)   # asynchronous scheduling: GPU correctness + sync-free check, then deco
   timeout "${BENCH_TIMEOUT:-420}" python3 benchmarks/engine.py bench --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" \
     --points "${POINTS:-1:1024,8:1024,32:1024,64:2048,128:1024,1:4096}" --no-prefill --steps 30 2>&1 | tee -a "$LOG"
   ;;
-*) echo "usage: $0 check|full|final|async"; exit 2;;
+gemv)    # one-row Triton GEMV (issue 5): kernel checks, then decode with it ON (all points) and OFF (batch 1 only:
+         # batches > 1 never take it); each engine start prints the per-projection timings it chose by (~4.5 min)
+  timeout 60 python3 -m pytest -q --tb=short tests/engine/test_gemv.py tests/engine/test_async_scheduling.py -k "gemv or gpu or sync_probe" 2>&1 | tail -n 30 | tee -a "$LOG"
+  date -u | tee -a "$LOG"
+  OUT="$OUT/on" TANDEM_GEMV=1 timeout "${ON_TIMEOUT:-140}" python3 benchmarks/engine.py bench --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" \
+    --points "${POINTS:-1:1024,8:1024,64:2048}" --no-prefill --steps 30 2>&1 | tee -a "$LOG"
+  date -u | tee -a "$LOG"
+  OUT="$OUT/off" TANDEM_GEMV=0 timeout "${OFF_TIMEOUT:-60}" python3 benchmarks/engine.py bench --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" \
+    --points "${OFF_POINTS:-1:1024}" --no-prefill --steps 30 2>&1 | tee -a "$LOG"
+  date -u | tee -a "$LOG"
+  ;;
+*) echo "usage: $0 check|full|final|async|gemv"; exit 2;;
 esac

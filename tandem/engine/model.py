@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tandem.engine import gemv as gemv_ops
 from tandem.engine import kernels as fused
 from tandem.engine.attention import AttnMetadata, paged_attention, write_kv
 from tandem.engine.model_config import ModelConfig
@@ -81,7 +82,10 @@ def _param(*shape, dtype, device) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x W^T (+ b). Weights are allocated uninitialised: the loader fills them."""
+    """y = x W^T (+ b). Weights are allocated uninitialised: the loader fills them. `gemv`: the Triton
+    GEMV block shape chosen at start-up for one-row inputs on CUDA (`tandem.engine.gemv.tune`), or None."""
+
+    gemv = None
 
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype, device):
         super().__init__()
@@ -89,7 +93,24 @@ class Linear(nn.Module):
         self.bias = _param(out_features, dtype=dtype, device=device) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemv is not None and x.shape[0] == 1:
+            return gemv_ops.gemv(x.contiguous(), self.weight, self.gemv, bias=self.bias)
         return F.linear(x, self.weight, self.bias)
+
+
+def norm_linear(norm: "RMSNorm", lin: Linear, h: torch.Tensor, residual: torch.Tensor | None):
+    """lin(norm(h + residual)) and the new residual; one GEMV kernel for one row when tuned so."""
+    if lin.gemv is not None and h.shape[0] == 1:
+        if residual is None:
+            return gemv_ops.gemv(h.contiguous(), lin.weight, lin.gemv, gemv_ops.MODE_RMS, norm_weight=norm.weight,
+                                 eps=norm.eps, bias=lin.bias)
+        return gemv_ops.gemv(h.contiguous(), lin.weight, lin.gemv, gemv_ops.MODE_ADD_RMS,
+                             residual=residual.contiguous(), norm_weight=norm.weight, eps=norm.eps, bias=lin.bias)
+    if residual is None:
+        residual, h = h, norm(h)
+    else:
+        h, residual = norm(h, residual)
+    return lin(h), residual
 
 
 class RMSNorm(nn.Module):
@@ -121,15 +142,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
             self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, dtype, device)
 
-    def forward(self, x, cos, sin, kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
-        T = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+    def forward(self, qkv, cos, sin, kv_layer: torch.Tensor, meta: AttnMetadata) -> torch.Tensor:
+        """qkv: the output of `qkv_proj` (the layer runs it, fused with the input norm)."""
+        T = qkv.shape[0]
+        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(T, self.num_heads, self.head_dim)
         k = k.view(T, self.num_kv_heads, self.head_dim)
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        if fused.use_fused(x):                                      # CUDA: rotary + KV write in one kernel
+        if fused.use_fused(qkv):                                    # CUDA: rotary + KV write in one kernel
             q = fused.rope_and_cache(q, k, v, cos, sin, kv_layer, meta.slot_mapping)
         else:
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
@@ -145,7 +167,13 @@ class MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False, dtype, device)
 
     def forward(self, x):
-        h = self.gate_up_proj(x)
+        return self.down(self.gate_up_proj(x))
+
+    def down(self, h):
+        """down_proj(silu_and_mul(h)); one GEMV kernel for one row when tuned so."""
+        if self.down_proj.gemv is not None and h.shape[0] == 1:
+            return gemv_ops.gemv(h.contiguous(), self.down_proj.weight, self.down_proj.gemv, gemv_ops.MODE_SILU,
+                                 bias=self.down_proj.bias)
         return self.down_proj(fused.silu_and_mul(h) if fused.use_fused(h) else silu_and_mul(h))
 
 
@@ -158,13 +186,10 @@ class DecoderLayer(nn.Module):
         self.mlp = MLP(cfg, dtype, device)
 
     def forward(self, h, residual, cos, sin, kv_layer, meta):
-        if residual is None:
-            residual, h = h, self.input_layernorm(h)
-        else:
-            h, residual = self.input_layernorm(h, residual)
-        h = self.self_attn(h, cos, sin, kv_layer, meta)
-        h, residual = self.post_attention_layernorm(h, residual)
-        return self.mlp(h), residual
+        qkv, residual = norm_linear(self.input_layernorm, self.self_attn.qkv_proj, h, residual)
+        h = self.self_attn(qkv, cos, sin, kv_layer, meta)
+        gate_up, residual = norm_linear(self.post_attention_layernorm, self.mlp.gate_up_proj, h, residual)
+        return self.mlp.down(gate_up), residual
 
 
 class Embedding(nn.Module):
@@ -230,4 +255,6 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [n, H] -> float32 logits [n, vocab_size]."""
+        if self.lm_head.gemv is not None and hidden.shape[0] == 1:     # the fp32 cast in the GEMV
+            return gemv_ops.gemv(hidden.contiguous(), self.lm_head.weight, self.lm_head.gemv, out_f32=True)
         return F.linear(hidden, self.lm_head.weight).float()

@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from tandem.engine import gemv
 from tandem.engine.attention import AttnMetadata
 from tandem.engine.config import EngineConfig
 from tandem.engine.hostcopy import HostIds, to_device
@@ -54,6 +55,9 @@ class ModelRunner:
         log.info("KV cache: %d blocks x %d tokens (%.2f GiB)", self.num_kv_blocks, self.block_size,
                  self.kv_cache.numel() * self.kv_cache.element_size() / 2**30)
         self.graphs = None
+        self.gemv_choices = []
+        if use_graphs and gemv.enabled():        # one-row GEMVs, before capture: the graphs bake the choice in
+            self.gemv_choices = gemv.tune(self.model)
         if use_graphs:
             from tandem.engine.cuda_graph import DecodeGraphRunner
             self.graphs = DecodeGraphRunner(self.model, self.kv_cache, self.block_size, self.max_model_len,
