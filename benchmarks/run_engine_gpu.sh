@@ -34,7 +34,7 @@ async)   # asynchronous scheduling: GPU correctness + sync-free check, then deco
   ;;
 gemv)    # one-row Triton GEMV (issue 5): kernel checks, then decode with it ON (all points) and OFF (batch 1 only:
          # batches > 1 never take it); each engine start prints the per-projection timings it chose by (~4.5 min)
-  timeout 60 python3 -m pytest -q --tb=short tests/engine/test_gemv.py tests/engine/test_async_scheduling.py -k "gemv or gpu or sync_probe" 2>&1 | tail -n 30 | tee -a "$LOG"
+  timeout 50 python3 -m pytest -q --tb=short tests/engine/test_gemv.py tests/engine/test_async_scheduling.py -k "gemv or gpu or sync_probe" 2>&1 | tail -n 30 | tee -a "$LOG"
   date -u | tee -a "$LOG"
   OUT="$OUT/on" TANDEM_GEMV=1 timeout "${ON_TIMEOUT:-140}" python3 benchmarks/engine.py bench --presets "${PRESETS:-llama-3.2-1b,llama-3.1-8b}" \
     --points "${POINTS:-1:1024,8:1024,64:2048}" --no-prefill --steps 30 2>&1 | tee -a "$LOG"
