@@ -177,32 +177,33 @@ def step_samples(report: dict, profile, join_s: float = 0.0004, token_budget: in
         xc = sum(profile.ctx_extra(isl[k] - new_tok[k], new_tok[k]) for k in new)
         return profile.step_time(nd, ctx, pf, xc), len(new), pf
 
-    def busy(j: int) -> bool:                          # clusters j-1 and j share a request: no idle between
-        return j > 0 and bool(clusters[j][2].keys() & clusters[j - 1][2].keys())
-
     def hidden(t: float) -> bool:
         return any(s < t <= f + join_s for s, f in chunked)
 
-    out = []
+    # per cluster: usable (busy since the previous one, no invisible chunk, prefill within budget),
+    # gap, T_profile, new requests, prefill tokens, "behind" (it arrived right behind the previous one:
+    # it admits a request, or it came sooner than half its own T_profile, which no real step does)
+    info: list = [None]
     for j in range(1, len(clusters)):
         b = clusters[j]
-        if not busy(j) or hidden(b[0]):
-            continue                                   # idle in between, or an invisible prompt chunk
         m, n_new, pf = model(b[2])
-        if pf > budget:
+        gap = b[0] - clusters[j - 1][0]
+        ok = bool(b[2].keys() & clusters[j - 1][2].keys()) and not hidden(b[0]) and pf <= budget
+        info.append((ok, gap, m, n_new, pf, n_new > 0 or gap < 0.5 * m))
+    out = []
+    for j in range(1, len(clusters)):
+        ok, gap, m, n_new, pf, behind = info[j]
+        if not ok or (j + 1 < len(clusters) and info[j + 1][0] and info[j + 1][5]):
+            continue                                   # unusable, or its gap holds the next step's stall
+        b = clusters[j]
+        if not behind:
+            out.append(StepSample(b[0], gap, m, len(b[2]), 0, 0, 1))
             continue
-        if j + 1 < len(clusters) and busy(j + 1) and any(i == 0 for i in clusters[j + 1][2].values()):
-            continue                                   # its gap holds the next step's prefill (pair below)
-        if n_new:
-            if j < 2 or not busy(j - 1) or hidden(clusters[j - 1][0]):
-                continue
-            m0, n0, pf0 = model(clusters[j - 1][2])
-            if n0:
-                continue                               # two admitting steps in a row: leave them out
-            out.append(StepSample(b[0], b[0] - clusters[j - 2][0], m0 + m, len(b[2]) + len(clusters[j - 1][2]),
-                                  n_new, pf, 2))
-        else:
-            out.append(StepSample(b[0], b[0] - clusters[j - 1][0], m, len(b[2]), 0, 0, 1))
+        p = info[j - 1]
+        if p is None or not p[0] or p[5]:
+            continue                                   # no clean step before it (or two behind in a row)
+        out.append(StepSample(b[0], p[1] + gap, p[2] + m, len(b[2]) + len(clusters[j - 1][2]), p[3] + n_new,
+                              p[4] + pf, 2))
     return out
 
 
@@ -225,10 +226,10 @@ def _solve(rows: list[list[float]], ys: list[float]) -> list[float]:
 
 def fit_step_overheads(samples: list[StepSample]) -> dict:
     """a, s, n (seconds) of `step = T_profile + a + s*n_seqs + n*n_new`, each from the steps that show it:
-    a and s by least squares on the decode-only steps (a term that comes out negative is fixed at 0
+    a and s by least squares on the samples that admit nobody (a term that comes out negative is fixed at 0
     and the other refitted), then n as the mean of what the admitting samples add beyond
     T_profile + a*steps + s*n_seqs, per admitted request (0 if negative or none)."""
-    dec = [x for x in samples if x.n_new == 0 and x.steps == 1]
+    dec = [x for x in samples if x.n_new == 0]          # stalls of no admission stay in a and s
     if len(dec) < 20:
         raise ValueError(f"only {len(dec)} busy decode-only engine steps in the run: too few to measure overheads")
     cols = {"step_s": lambda x: float(x.steps), "seq_s": lambda x: float(x.n_seqs)}
