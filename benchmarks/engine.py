@@ -385,7 +385,8 @@ def bench_preset(preset: str, args, ceil: dict, models_dir: Path) -> dict:
     gemv_rows = [dataclasses.asdict(c) for c in eng.runner.gemv_choices]
     for c in gemv_rows:
         log(f"  gemv {c['role']} [{c['n']} x {c['k']}]: unfused {c['unfused_us']:.1f} us/layer, triton "
-            f"{c['best']} {c['best_us']:.1f} us -> {'triton' if c['chosen'] else 'unfused'}")
+            f"{c['best']} {c['best_us']:.1f} us -> {'triton' if c['chosen'] else 'unfused'}; tried " + ", ".join(
+                f"{t['block_n']}x{t['block_k']}/w{t['num_warps']}/s{t['num_stages']} {us}" for t, us in c['tried'] or []))
     probe = EngineProbe(eng)
     engine_generate_tps(llm, 4, prompt=64, new=16)        # warm every path once (lazy module loads)
     wbytes = decode_weight_bytes(eng.runner.model)

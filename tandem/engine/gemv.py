@@ -46,9 +46,10 @@ class GemvConfig:
     num_stages: int = 3
 
 
-# candidates timed at start-up (few: each one is a Triton compile per projection)
-CANDIDATES = (GemvConfig(4, 512, 4), GemvConfig(8, 256, 4), GemvConfig(8, 512, 4), GemvConfig(16, 512, 8),
-              GemvConfig(32, 256, 8), GemvConfig(2, 1024, 4))
+# candidates timed at start-up (few: each one is a Triton compile per projection). On the H100 the
+# narrow, long tiles won every projection of the 1B and 8B (wider ones, 8..32 rows x 256..512, lost)
+CANDIDATES = (GemvConfig(2, 1024, 4), GemvConfig(1, 1024, 4), GemvConfig(1, 2048, 4), GemvConfig(2, 2048, 8),
+              GemvConfig(4, 1024, 8), GemvConfig(4, 512, 4), GemvConfig(2, 1024, 4, 4))
 
 
 def enabled() -> bool:
@@ -153,6 +154,7 @@ class GemvChoice:
     best: GemvConfig | None
     best_us: float
     chosen: bool
+    tried: list = None          # [(GemvConfig, us per layer)] of every candidate
 
 
 def _roles(model):
@@ -215,7 +217,7 @@ def tune(model, candidates=CANDIDATES) -> list[GemvChoice]:
             for lin, norm in pairs:
                 unfused(x, lin, norm, mode, res, out_f32)
         base = _time_us(run_unfused, len(pairs))
-        best, best_us = None, float("inf")
+        best, best_us, tried = None, float("inf"), []
         kmax = triton.next_power_of_2(K)
         for cfg in dict.fromkeys(GemvConfig(c.block_n, min(c.block_k, kmax), c.num_warps, c.num_stages)
                                  for c in candidates):
@@ -223,12 +225,13 @@ def tune(model, candidates=CANDIDATES) -> list[GemvChoice]:
                 for lin, norm in pairs:
                     fused(x, lin, norm, mode, cfg, res, out_f32)
             us = _time_us(run_fused, len(pairs))
+            tried.append((cfg, round(us, 2)))
             if us < best_us:
                 best, best_us = cfg, us
         chosen = best is not None and best_us < base
         for lin, _ in pairs:
             lin.gemv = best if chosen else None
-        choices.append(GemvChoice(role, N, K, mode, base, best, best_us, chosen))
+        choices.append(GemvChoice(role, N, K, mode, base, best, best_us, chosen, tried))
         log.info("gemv %s [%d x %d]: unfused %.1f us, triton %s %.1f us -> %s", role, N, K, base, best, best_us,
                  "triton" if chosen else "unfused")
     return choices

@@ -214,7 +214,11 @@ def test_gpu_graph_path_identical_and_sync_free(llama_dir):
         assert llm.engine.runner.graphs is not None
         outs.append(llm.generate(ps, params))
     same(*outs)
-    assert outs[0][1].logprobs == outs[1][1].logprobs and outs[0][2].logprobs == outs[1][2].logprobs
+    for i in (1, 2):   # same token ids; values to fp32 noise: a batch-1 step takes the Triton GEMV, and a
+        a, b = outs[0][i].logprobs, outs[1][i].logprobs       # stopped row launched ahead can make it batch 2
+        assert [x["token_id"] for x in a] == [x["token_id"] for x in b]
+        assert [[t for t, _ in x["top"]] for x in a] == [[t for t, _ in x["top"]] for x in b]
+        assert [x["logprob"] for x in a] == pytest.approx([x["logprob"] for x in b], abs=1e-4)
     assert llm.engine.num_steps_ahead > 0
     res = EngineProbe(llm.engine).host_syncs_ahead(batch=3, ctx=40, steps=6)
     assert res["steps_ahead"] == 6 and res["syncs"] == 0, res
