@@ -141,7 +141,8 @@ def step_samples(report: dict, profile, join_s: float = 0.0004, token_budget: in
     host launches) before it hands out the previous step's tokens, so those tokens arrive late and the
     admitting step's tokens right behind them: the stall lands in the gap *before* the previous
     step. A step that admits requests is therefore taken together with the step before it (one
-    sample, `steps` = 2, its gap spanning both), and the decode-only samples stay clean. A prompt's
+    sample, `steps` = 2, its gap spanning both), and the decode-only samples stay clean; so is a step whose
+    tokens came sooner than half its T_profile (the same pattern with no admission in sight). A prompt's
     prefill work is its tokens less its prefix-cache hits (`cached_tokens` of the record)."""
     budget = token_budget or profile.max_num_batched_tokens
     recs = [r for r in report.get("requests", []) if r.get("status") == "ok" and r.get("token_times_s")]

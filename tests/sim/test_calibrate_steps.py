@@ -13,9 +13,10 @@ from tandem.sim.profile import SimProfile
 A, S, N = 0.4e-3, 0.05e-3, 2.0e-3          # per step, per sequence, per admitted request (seconds)
 
 
-def _async_run(prof: SimProfile, n_req: int = 60, seed: int = 0) -> dict:
+def _async_run(prof: SimProfile, n_req: int = 60, seed: int = 0, late_every: int = 0) -> dict:
     """One worker serving `n_req` requests step by step with known overheads; a step that admits a
-    request delays the previous step's tokens to 0.2 ms before its own (async scheduling)."""
+    request (and every `late_every`-th step) delays the previous step's tokens to 0.2 ms before its own
+    (async scheduling)."""
     rng = random.Random(seed)
     reqs = []
     for i in range(n_req):
@@ -40,8 +41,11 @@ def _async_run(prof: SimProfile, n_req: int = 60, seed: int = 0) -> dict:
         for r in dec + new:
             r["times"].append(None)                 # placeholder: emission times below
     emitted = {}
+    adm = [x[2] for x in steps] + [False]
+    extra = {k for k in range(1, len(steps)) if late_every and k % late_every == 0
+             and not (adm[k - 1] or adm[k] or adm[k + 1])}          # no chains of late steps
     for j, (end, batch, _) in enumerate(steps):
-        late = j + 1 < len(steps) and steps[j + 1][2] and steps[j + 1][0] - end < 0.05
+        late = j + 1 < len(steps) and (adm[j + 1] or j + 1 in extra)
         emit = steps[j + 1][0] - 2e-4 if late else end
         for pos, r in enumerate(batch):            # in batch order (new requests last), 10 us apart
             k = emitted.get(r["idx"], 0)
@@ -67,6 +71,17 @@ def test_async_admission_steps_are_paired_and_overheads_recovered(profile_dict):
     assert fit["seq_s"] == pytest.approx(S, rel=0.05)
     assert fit["new_s"] == pytest.approx(N, rel=0.05)          # the cached tokens were not charged as prefill
     assert fit["resid_rms_s"] < 1e-4
+
+
+def test_late_steps_without_admission_are_paired_too(profile_dict):
+    """A step's tokens may also arrive late with no admission in sight: the pair is two steps long."""
+    prof = SimProfile(profile_dict)
+    samples = step_samples(_async_run(prof, late_every=3), prof)
+    assert sum(1 for x in samples if x.steps == 2 and x.n_new == 0) >= 20
+    assert min(x.gap_s for x in samples if x.steps == 1) > 0.5 * min(x.model_s for x in samples)
+    fit = fit_step_overheads(samples)
+    assert fit["step_s"] == pytest.approx(A, rel=0.05) and fit["seq_s"] == pytest.approx(S, rel=0.05)
+    assert fit["new_s"] == pytest.approx(N, rel=0.05)
 
 
 def test_bootstrap_interval_of_p90():
