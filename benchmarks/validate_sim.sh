@@ -130,6 +130,9 @@ for i, (s, start, *rest) in enumerate(slices):
     src = real["config"].get("source", "")
     print(f"\n### slice {s}: {src} from {start} s ({what}; {o['requests_completed']} ok, {o['requests_failed']} "
           f"failed, {o['request_throughput']:.2f} req/s) -- calibrated sim")
+    ok = [r for r in real.get("requests", []) if r.get("status") == "ok"]
+    hit = sum(r.get("cached_tokens") or 0 for r in ok) / max(1, sum(r["isl"] for r in ok))
+    print(f"prefix-cache hits in the real run: {hit:.1%} of prompt tokens (the sim has none)")
     print(table(real, load(f"sim_{s}"), verdict=True))
     print(f"all rows within 15%: {'YES' if all_within(real, load(f'sim_{s}')) else 'NO'}")
     print(f"\nslice {s} -- sim from the profile alone (no serving overheads)")
