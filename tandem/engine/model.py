@@ -8,7 +8,9 @@ names into row slices of them. Parameter names otherwise mirror HF (`model.layer
 
 The batch is flattened (T tokens of several sequences, no padding); attention goes through the
 paged KV cache (`tandem.engine.attention`). The small functions `rms_norm`, `add_rms_norm`,
-`silu_and_mul`, `rotary_cos_sin`, `apply_rotary` are the seams where fused GPU kernels plug in.
+`silu_and_mul`, `rotary_cos_sin`, `apply_rotary` are the seams where fused GPU kernels plug in;
+`norm_linear`, `MLP.down` and `compute_logits` are where a one-row input on CUDA takes the Triton
+GEMV with that small op fused in (`tandem.engine.gemv`, chosen per projection at start-up).
 """
 from __future__ import annotations
 
