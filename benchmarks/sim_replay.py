@@ -55,8 +55,9 @@ def main(argv=None) -> int:
         names.append(os.path.splitext(os.path.basename(path))[0].removeprefix("real_"))
         with open(f"{args.out}/asrun_{names[-1]}.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(row) + "\n" for row in as_run_rows(reals[-1]))
-    load = lambda n: ["--trace", f"{args.out}/asrun_{n}.jsonl", "--time-scale", "1", "--max-isl", "1000000",  # noqa: E731
-                      "--max-osl", "1000000", "--jitter", "0", *ENGINE, "--no-progress", "--quiet"]
+    load = lambda n: ["--trace", f"{args.out}/asrun_{n}.jsonl", "--time-scale", "1",  # noqa: E731
+                      "--max-isl", "1000000", "--max-osl", "1000000", "--jitter", "0", *ENGINE,
+                      "--no-progress", "--quiet"]
     cal = f"{args.out}/profile_cal.json"
     if calibrate(["--real", args.reals[0], *load(names[0]), "--profile", args.profile,
                   "--out", f"{args.out}/sim_{names[0]}.json", "--write-profile", cal]) != 0:

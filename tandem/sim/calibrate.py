@@ -21,14 +21,15 @@ contexts, hence T_profile (a prompt's prefill work is its tokens less its prefix
 async scheduling a step that admits a prompt is launched before the previous step's tokens are handed
 out, so the admission stall shows in the gap before the *previous* step and the two steps' tokens
 arrive back to back: an admitting step is taken together with the step before it (one sample of two
-steps). a and s come from the decode-only steps by least squares of (gap - T_profile) on (1, n_seqs)
+steps; so is a step that came sooner than half its T_profile). a and s come from the samples that
+admit nobody by least squares of (gap - T_profile) on (1, n_seqs)
 (a negative term dropped); n is the mean of what admitting samples add beyond T_profile + a*steps +
 s*n_seqs, and its quantiles over samples that admitted one request give n's distribution (`new_q`),
 which the simulated engine samples per request. (Pooling all steps in one fit, as before, put the
-admission stalls into the decode steps: run 2's slice A fit had residual rms 1.8 ms, now 0.54 ms.)
-Steps that may hold a chunk of a prompt longer than the token budget are left out (invisible chunks). The per-request term r is then the
-one number that makes the simulated TTFT p50 equal the real one (a common delay before the router
-shifts every TTFT by the same amount).
+admission stalls into the decode steps: run 2's slice A fit had residual rms 1.8 ms, now 0.52 ms.)
+Steps that may hold a chunk of a prompt longer than the token budget are left out (invisible chunks).
+The per-request term r is then the one number that makes the simulated TTFT p50 equal the real one
+(a common delay before the router shifts every TTFT by the same amount).
 
 **Method `p50`** (the earlier one): a constant per-step overhead and r iterated until TPOT p50 and
 TTFT p50 match. Kept for comparison; it matches medians, not tails.
