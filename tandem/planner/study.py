@@ -40,7 +40,7 @@ TRANSFER_GBPS = 394.0
 # static split is loaded but can meet the SLOs most of the time (see docs/planner.md).
 WORKLOADS: dict[str, dict] = {
     # the second half of the conversation trace: its rate swells from ~280 to ~480 req/min
-    "conv": {"trace": CONV, "copies_per_gpu": 3.0, "trace_start": 900},
+    "conv": {"trace": CONV, "copies_per_gpu": 2.5, "trace_start": 900},
     "code": {"trace": CODE, "copies_per_gpu": 3.0},
     "bursty": {"workload": "bursty", "rate_per_gpu": 3.0, "wl": []},
     # the same generator with the mix swinging between all-summarization and all-chat at a
@@ -418,15 +418,22 @@ def plots(results: list[dict], img_dir: str) -> list[str]:
                          alpha=0.45, label="output tok/s / 100")
                 ax2.set_ylabel("load")
                 ax2.set_ylim(bottom=0)
-                ax2.legend(fontsize=7, loc="upper right")
+                ax.set_zorder(ax2.get_zorder() + 1)   # pool lines over the load
+                ax.patch.set_visible(False)
+                h2, l2 = ax2.get_legend_handles_labels()
+            else:
+                h2, l2 = [], []
+        else:
+            h2, l2 = [], []
         ax.set_xlabel("time s")
         ax.set_ylabel("workers")
         ax.set_ylim(bottom=0)
-        ax.set_title(f"{k[0]} @ {k[1]} GPUs: pool sizes (lines) and load (grey/purple)")
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
-        fig.tight_layout()
+        ax.set_title(f"{k[0]} @ {k[1]} GPUs: pool sizes and load")
+        h1, l1 = ax.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=7, ncol=4, loc="upper center",
+                  bbox_to_anchor=(0.5, -0.2))
         p = os.path.join(img_dir, f"planner_timeline_{k[0].replace(' ', '_')}_{k[1]}.png")
-        fig.savefig(p, dpi=90)
+        fig.savefig(p, dpi=90, bbox_inches="tight")
         plt.close(fig)
         paths.append(p)
     return paths
