@@ -308,7 +308,8 @@ def _cpu_wall(r: dict) -> str:
 
 def table(results: list[dict]) -> str:
     rows = ["| workload | GPUs | policy | prefill:decode (start) | SLO attainment | goodput req/s | "
-            "goodput/GPU | GPU-hours | vs best static (goodput/GPU) | flips | starts/stops | failed | CPU s (wall s) |",
+            "goodput/GPU | GPU-hours | vs best static: goodput/GPU, GPU-hours | flips | starts/stops | failed | "
+            "CPU s (wall s) |",
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     keyf = lambda r: (label(r), r["gpus"])  # noqa: E731
     groups: dict = {}
@@ -328,10 +329,11 @@ def table(results: list[dict]) -> str:
                             f"did not finish: {str(r.get('error', '?'))[:50]} | | | | | | | | {_cpu_wall(r)} |")
                 continue
             rel = (r["goodput_per_gpu"] / bs["goodput_per_gpu"]) if bs and bs["goodput_per_gpu"] else math.nan
+            rel_h = (r["gpu_hours"] / bs["gpu_hours"]) if bs and bs["gpu_hours"] else math.nan
             rows.append(
                 f"| {label(r)} | {r['gpus']} | {name} | {r['prefill']}:{r['gpus'] - r['prefill']} | "
                 f"{100 * r['slo_attainment']:.1f}% | {r['goodput']:.2f} | {r['goodput_per_gpu']:.3f} | "
-                f"{r['gpu_hours']:.2f} | {rel:.2f}x | {r['flips']} | {r['starts']}/{r['stops']} | "
+                f"{r['gpu_hours']:.2f} | {rel:.2f}x, {rel_h:.2f}x | {r['flips']} | {r['starts']}/{r['stops']} | "
                 f"{r['failed']} | {_cpu_wall(r)} |")
     return "\n".join(rows)
 
