@@ -155,6 +155,8 @@ class SimEngineConfig:
     seq_overhead_s: float = 0.0               # host time per sequence in a step (outputs, messages)
     new_overhead_s: float = 0.0               # host time per request in its first step (admission)
     new_overhead_q: tuple | None = None       # or its measured quantiles (s), drawn per request id
+    new_overhead_per: str = "request"         # "request": per request in its first step; "prefill_step":
+                                              # once per step holding prefill work (ServingOverhead.new_per)
     fast_forward: bool = True
     model: str = "sim"
 
@@ -217,6 +219,9 @@ class SimEngine:
         self._ovh_seq = cfg.seq_overhead_s
         self._ovh_new = cfg.new_overhead_s
         self._ovh_new_q = tuple(cfg.new_overhead_q) if cfg.new_overhead_q else None
+        if cfg.new_overhead_per not in ("request", "prefill_step"):
+            raise ValueError(f"new_overhead_per must be 'request' or 'prefill_step', got {cfg.new_overhead_per!r}")
+        self._ovh_per_step = cfg.new_overhead_per == "prefill_step"
         self._ff = cfg.fast_forward
         self._ff_limit = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
         self.busy_s = 0.0                      # virtual seconds spent in steps
@@ -236,14 +241,23 @@ class SimEngine:
     def _clock(self) -> float:
         return self.now
 
-    def _new_cost(self, req) -> float:
+    def _new_cost(self, req, key: str | None = None) -> float:
         """Admission host time of `req` drawn from the measured quantiles: a function of the request
-        id alone (deterministic, independent of step order and of fast-forward)."""
+        id (and `key`) alone (deterministic, independent of step order and of fast-forward)."""
         q = self._ovh_new_q
-        h = (zlib.crc32(req.request_id.encode()) * 0x9E3779B1) & 0xFFFFFFFF
+        if q is None:
+            return self._ovh_new
+        h = (zlib.crc32((req.request_id if key is None else key).encode()) * 0x9E3779B1) & 0xFFFFFFFF
         x = h / 4294967296.0 * (len(q) - 1)
         i = int(x)
         return q[i] + (q[i + 1] - q[i]) * (x - i) if i + 1 < len(q) else q[-1]
+
+    def _step_new_cost(self, req) -> float:
+        """Mode "prefill_step": the admission host time of a step whose first prefill (chunk) is `req`'s,
+        drawn by (request id, its chunk's start): eager prefill inputs and launches are built once per
+        step, however many prompts or chunks it holds (real run 3: full 2048-token chunk steps took the
+        same time with 0, 1 or 2 prompts admitted)."""
+        return self._new_cost(req, f"{req.request_id}@{req.num_computed_tokens}")
 
     # ================================================================== requests (Engine API)
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
@@ -379,8 +393,19 @@ class SimEngine:
         if not batch:
             self._batch = None
             return None
-        b = ctx = pf = 0
+        dur = self._batch_time(batch, now, 0, 0, 0)[0]
+        self._batch = batch
+        self._step_start = now
+        self._step_dur = dur
+        return dur
+
+    def _batch_time(self, batch, now: float, b: int, ctx: int, n_seqs: int) -> tuple[float, int, int]:
+        """(duration, decodes, prefill tokens) of a step running `batch` besides b decodes of context sum
+        ctx (n_seqs sequences) already counted: the profile's time plus the serving overheads. Marks
+        the batch's first-scheduled requests (`t_sched`)."""
+        pf = 0
         extra = extra_h = 0.0
+        first_pf = None                         # per-step admission cost: keyed by the first prefill
         prof = self.profile
         for req, n in zip(batch.reqs, batch.num_new_tokens):
             if n == 1:
@@ -392,12 +417,16 @@ class SimEngine:
                     extra += prof.ctx_extra(req.num_computed_tokens, n)
             if req.t_sched is None:
                 req.t_sched = now
-                extra_h += self._ovh_new if self._ovh_new_q is None else self._new_cost(req)
-        dur = prof.step_time(b, ctx, pf, extra) + self._ovh + self._ovh_seq * len(batch.reqs) + extra_h
-        self._batch = batch
-        self._step_start = now
-        self._step_dur = dur
-        return dur
+                if not self._ovh_per_step:
+                    extra_h += self._new_cost(req)
+                elif first_pf is None:
+                    first_pf = req
+            elif n > 1 and first_pf is None:
+                first_pf = req
+        if first_pf is not None and self._ovh_per_step:
+            extra_h = self._step_new_cost(first_pf)
+        dur = prof.step_time(b, ctx, pf, extra) + self._ovh + self._ovh_seq * (n_seqs + len(batch.reqs)) + extra_h
+        return dur, b, pf
 
     def _end_step(self, now: float, outputs: list | None = None) -> None:
         """Tokens of the step in flight are out. Order as in `Engine.step`: every request's computed
@@ -674,26 +703,11 @@ class SimEngine:
             batch = sch.schedule()
         finally:
             sch.max_num_seqs, sch.max_num_batched_tokens = S, B
-        b, ctx = nd, w.base + j * nd
-        pf = 0
-        extra = extra_h = 0.0
-        prof = self.profile
-        for req, n in zip(batch.reqs, batch.num_new_tokens):
-            if n == 1:
-                b += 1
-                ctx += req.num_computed_tokens + 1
-            else:
-                pf += n
-                if req.num_computed_tokens:
-                    extra += prof.ctx_extra(req.num_computed_tokens, n)
-            if req.t_sched is None:
-                req.t_sched = now
-                extra_h += self._ovh_new if self._ovh_new_q is None else self._new_cost(req)
+        dur, b, pf = self._batch_time(batch, now, nd, w.base + j * nd, nd)
         if b == 0 and pf == 0:
             if nd == 0:
                 self._win = None
             return False
-        dur = prof.step_time(b, ctx, pf, extra) + self._ovh + self._ovh_seq * (nd + len(batch.reqs)) + extra_h
         self._batch = batch if batch else None
         self._dstep = nd > 0
         self._step_start = now

@@ -25,7 +25,8 @@ steps; so is a step that came sooner than half its T_profile). a and s come from
 admit nobody by least squares of (gap - T_profile) on (1, n_seqs)
 (a negative term dropped); n is the mean of what admitting samples add beyond T_profile + a*steps +
 s*n_seqs, and its quantiles over samples that admitted one request give n's distribution (`new_q`),
-which the simulated engine samples per request. (Pooling all steps in one fit, as before, put the
+which the simulated engine draws once per step holding prefill work (`new_per` "prefill_step", the
+default; `--new-overhead-per request` keeps the earlier per-request charge). (Pooling all steps in one fit, as before, put the
 admission stalls into the decode steps: run 2's slice A fit had residual rms 1.8 ms, now 0.52 ms.)
 Steps that may hold a chunk of a prompt longer than the token budget are left out (invisible chunks).
 The per-request term r is then the one number that makes the simulated TTFT p50 equal the real one
@@ -226,7 +227,7 @@ def _solve(rows: list[list[float]], ys: list[float]) -> list[float]:
     return [m[i][k] / m[i][i] for i in range(k)]
 
 
-def fit_step_overheads(samples: list[StepSample]) -> dict:
+def fit_step_overheads(samples: list[StepSample], new_per: str = "prefill_step") -> dict:
     """a, s, n (seconds) of `step = T_profile + a + s*n_seqs + n*n_new`, each from the steps that show it:
     a and s by least squares on the samples that admit nobody (a term that comes out negative is fixed at 0
     and the other refitted), then n as the mean of what the admitting samples add beyond
@@ -254,8 +255,10 @@ def fit_step_overheads(samples: list[StepSample]) -> dict:
     fit = {c: max(0.0, coef.get(c, 0.0)) for c in cols}
     base = lambda x: x.model_s + fit["step_s"] * x.steps + fit["seq_s"] * x.n_seqs   # noqa: E731
     adm = [x for x in samples if x.n_new]
-    fit["new_s"] = max(0.0, sum((x.gap_s - base(x)) / x.n_new for x in adm) / len(adm)) if adm else 0.0
-    pred = [base(x) + fit["new_s"] * x.n_new for x in samples]
+    k = (lambda x: x.n_new) if new_per == "request" else (lambda x: 1)     # noqa: E731
+    fit["new_s"] = max(0.0, sum((x.gap_s - base(x)) / k(x) for x in adm) / len(adm)) if adm else 0.0
+    fit["new_per"] = new_per
+    pred = [base(x) + fit["new_s"] * (k(x) if x.n_new else 0) for x in samples]
     fit["steps"] = len(samples)
     fit["decode_steps"] = len(dec)
     fit["admitting_samples"] = len(adm)
@@ -323,12 +326,12 @@ def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[d
         args.profile = SimProfile.load(args.profile)
     prof = args.profile
     samples = step_samples(real, prof, join_ms / 1e3, args.max_num_batched_tokens)
-    fit = fit_step_overheads(samples)
+    fit = fit_step_overheads(samples, getattr(args, "new_overhead_per", None) or "prefill_step")
     if log:
         log(f"{fit['steps']} busy samples ({fit['decode_steps']} decode-only steps, {fit['admitting_samples']} admitting "
             f"step pairs): real {fit['busy_s']:.2f} s, profile {fit['profile_s']:.2f} s -> "
             f"a {fit['step_s'] * 1e3:.3f} ms/step, s {fit['seq_s'] * 1e3:.4f} ms/seq, "
-            f"n {fit['new_s'] * 1e3:.3f} ms/new request (residual rms {fit['resid_rms_s'] * 1e3:.2f} ms)")
+            f"n {fit['new_s'] * 1e3:.3f} ms/{'new request' if fit['new_per'] == 'request' else 'prefill step'} (residual rms {fit['resid_rms_s'] * 1e3:.2f} ms)")
     if log:
         log("decode-only steps by batch: " + "; ".join(
             f"b {b}-{b + 7}: {n} steps, real {r:.2f} ms, profile {p:.2f}, model {m:.2f}"
@@ -354,6 +357,7 @@ def calibrate_steps(real: dict, args, log=None, join_ms: float = 0.4) -> tuple[d
                                   source=prof.source)
     else:
         args.new_overhead_ms = fit["new_s"] * 1e3
+        args.new_overhead_per = fit["new_per"]
     hist = []
     ttft_r = _get(real["summary"]["overall"], "ttft_ms", "p50")
     if ttft_r is None:
@@ -417,6 +421,7 @@ def profile_with_overheads(profile, overheads: dict, source: str) -> dict:
                              for k in ("step_s", "seq_s", "new_s", "request_s")}
     q = overheads.get("new_q")
     d["serving_overhead"]["new_q"] = [round(float(x), 7) for x in q] if q else None
+    d["serving_overhead"]["new_per"] = overheads.get("new_per") or "request"
     d["serving_overhead"]["source"] = source
     return d
 

@@ -141,6 +141,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--new-overhead-ms", type=_nonneg(float), default=None,
                    help="serving host time per request in its first engine step "
                         "(default: the profile's serving_overhead.new_s, else 0)")
+    g.add_argument("--new-overhead-per", choices=("request", "prefill_step"), default=None,
+                   help="admission time charged per request in its first step, or once per step holding "
+                        "prefill work (default: the profile's serving_overhead.new_per, else request)")
     g.add_argument("--no-fast-forward", action="store_true",
                    help="call the scheduler every step (slower; same results)")
 

@@ -36,7 +36,11 @@ Pure batches reproduce the profile exactly. The simulated engine adds the servin
 (optional ``serving_overhead`` section, `ServingOverhead`; old profiles read as 0): a per step plus s
 per sequence in the step plus n per request scheduled for the first time: a step of b sequences, k of
 them new, takes T(profile) + a + s * b + n * k. The admission time n is heavy-tailed on a real server;
-with ``new_q`` (its measured quantiles) each request draws its own n from them, by its id.
+with ``new_q`` (its measured quantiles) each request draws its own n from them, by its id. With
+``new_per`` = "prefill_step" (what calibrate writes) n is charged once per step that holds prefill work
+instead, drawn by (first prefill's id, its chunk start): real run 3 showed full 2048-token chunk steps
+costing the same with 0, 1 or 2 prompts admitted, so n is a per-step cost of the eager prefill path,
+not a per-prompt one (per prompt over-charged packed chunks of short prompts: code-burst TPOT +34%).
 
 Torch-free. `synthetic_profile()` builds a roofline profile labelled synthetic (tests, what-ifs).
 """
@@ -50,6 +54,7 @@ from typing import Any, Sequence
 
 
 MIXED_MODELS = ("shared", "sum", "max")
+NEW_PER = ("request", "prefill_step")
 
 
 class ProfileError(ValueError):
@@ -121,6 +126,8 @@ class ServingOverhead:
     request_s: float = 0.0
     source: str = ""
     new_q: tuple | None = None      # quantiles (s, ascending, p0..p100) of the admission time; else new_s
+    new_per: str = "request"        # new_s/new_q charged per request in its first step, or once per
+                                    # "prefill_step" (a step holding prefill work, however many prompts)
 
     @classmethod
     def from_dict(cls, d: Any) -> "ServingOverhead":
@@ -146,11 +153,14 @@ class ServingOverhead:
                 raise ProfileError("profile field serving_overhead.new_q must be a list of numbers") from None
             if len(q) < 2 or not all(math.isfinite(x) and abs(x) < 60 for x in q) or list(q) != sorted(q):
                 raise ProfileError("profile field serving_overhead.new_q must be >= 2 ascending finite quantiles")
-        return cls(source=str(d.get("source") or ""), new_q=q, **vals)
+        per = d.get("new_per") or "request"
+        if per not in NEW_PER:
+            raise ProfileError(f"profile field serving_overhead.new_per must be one of {NEW_PER}, got {per!r}")
+        return cls(source=str(d.get("source") or ""), new_q=q, new_per=per, **vals)
 
     def to_dict(self) -> dict:
         return {"step_s": self.step_s, "seq_s": self.seq_s, "new_s": self.new_s, "request_s": self.request_s,
-                "new_q": list(self.new_q) if self.new_q else None, "source": self.source}
+                "new_q": list(self.new_q) if self.new_q else None, "new_per": self.new_per, "source": self.source}
 
 
 class SimProfile:

@@ -178,6 +178,8 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
         v = getattr(args, flag, None)
         out[key], src[key] = (float(v), "flag") if v is not None else (prof_s * 1e3, "profile")
     out["new_q_ms"] = ([x * 1e3 for x in sv.new_q] if sv.new_q and src["new_ms"] == "profile" else None)
+    per = getattr(args, "new_overhead_per", None)
+    out["new_per"], src["new_per"] = (per, "flag") if per else (sv.new_per, "profile")
     out["from"] = src
     return out
 
@@ -205,7 +207,8 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         enable_prefix_caching=(caching == "on"), aging_s=args.aging_s,
         step_overhead_s=ovh["step_ms"] / 1e3,
         seq_overhead_s=ovh["seq_ms"] / 1e3, new_overhead_s=ovh["new_ms"] / 1e3,
-        new_overhead_q=tuple(x / 1e3 for x in ovh["new_q_ms"]) if ovh["new_q_ms"] else None, fast_forward=not args.no_fast_forward)
+        new_overhead_q=tuple(x / 1e3 for x in ovh["new_q_ms"]) if ovh["new_q_ms"] else None,
+        new_overhead_per=ovh["new_per"], fast_forward=not args.no_fast_forward)
     tt = token_times_mode(args.token_times, reqs)
     ccfg = ClusterConfig(
         roles=roles, router_mode=args.router_mode, publish_interval_s=args.publish_interval,
@@ -281,6 +284,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
                        "aging_s": ecfg.aging_s, "step_overhead_ms": ovh["step_ms"],
                        "seq_overhead_ms": ovh["seq_ms"], "new_overhead_ms": ovh["new_ms"],
                        "new_overhead_q_ms": ovh["new_q_ms"],
+                       "new_overhead_per": ovh["new_per"],
                        "fast_forward": ecfg.fast_forward},
             "publish_interval_s": args.publish_interval,
             "transfer_gbps": args.transfer_gbps if args.transfer_gbps is not None else profile.copy_bandwidth_gbps,

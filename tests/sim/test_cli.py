@@ -118,7 +118,8 @@ def test_calibration_recovers_known_overheads(profile_path, tmp_path):
     load = ["--workload", "chat", "--rate", "3", "--duration", "30", "--seed", "2", "--gpus", "1",
             "--profile", profile_path]
     assert main([*load, "--step-overhead-ms", "1.5", "--seq-overhead-ms", "0.2", "--new-overhead-ms", "3",
-                 "--request-overhead-ms", "4", "--out", str(real), "--quiet"]) == 0
+                 "--new-overhead-per", "prefill_step", "--request-overhead-ms", "4", "--out", str(real),
+                 "--quiet"]) == 0
     out, prof = tmp_path / "cal.json", tmp_path / "prof.json"
     assert cal(["--real", str(real), *load, "--out", str(out), "--write-profile", str(prof)]) == 0
     fit = json.loads(out.read_text())["config"]["sim"]["calibration"]["fit"]
@@ -127,6 +128,7 @@ def test_calibration_recovers_known_overheads(profile_path, tmp_path):
     assert fit["new_s"] == pytest.approx(3e-3, rel=0.05)
     assert fit["new_q"][0] == pytest.approx(3e-3, rel=0.05) and fit["new_q"][-1] == pytest.approx(3e-3, rel=0.05)
     assert fit["request_s"] == pytest.approx(4e-3, rel=0.05)
+    assert json.loads(prof.read_text())["serving_overhead"]["new_per"] == "prefill_step"
     again = tmp_path / "again.json"
     load[-1] = str(prof)
     assert main([*load, "--out", str(again), "--quiet"]) == 0

@@ -140,11 +140,14 @@ def test_serving_overhead_section(profile_dict):
     got = resolve_overheads(args, p)
     assert got["step_ms"] == pytest.approx(0.5) and got["seq_ms"] == 0.1 and got["request_ms"] == pytest.approx(2.0)
     assert got["from"]["seq_ms"] == "flag" and got["from"]["step_ms"] == "profile"
-    assert p.serving.new_q is None
+    assert p.serving.new_q is None and p.serving.new_per == "request"       # older profiles: per request
+    assert got["new_per"] == "request" and got["from"]["new_per"] == "profile"
+    assert SimProfile(dict(profile_dict, serving_overhead={"new_per": "prefill_step"})).serving.to_dict()["new_per"] \
+        == "prefill_step"
     assert SimProfile(dict(profile_dict, serving_overhead={"new_q": [-0.001, 0.002, 0.04]})).serving.new_q == \
         (-0.001, 0.002, 0.04)
     for bad in ({"step_s": -1}, {"seq_s": "x"}, [1, 2], {"new_q": [0.003, 0.001]}, {"new_q": [0.001]},
-                {"new_q": ["a", 1]}):
+                {"new_q": ["a", 1]}, {"new_per": "token"}):
         with pytest.raises(ProfileError, match="serving_overhead"):
             SimProfile(dict(profile_dict, serving_overhead=bad))
 

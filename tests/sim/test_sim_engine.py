@@ -167,8 +167,30 @@ def test_serving_overheads_add_to_each_step(profile_dict):
     assert (e.now - t1) - (base.now - t0) == pytest.approx(0.001 + 2 * 0.0002)
 
 
-@pytest.mark.parametrize("quantiles", [False, True])
-def test_fast_forward_equals_per_step_with_overheads(profile_dict, quantiles):
+def test_admission_time_per_prefill_step(profile_dict):
+    """new_overhead_per="prefill_step": n is charged once per step holding prefill work (however many
+    prompts it admits), and again for every chunk of a prompt longer than the token budget."""
+    base = _engine(profile_dict, max_num_batched_tokens=512)
+    e = _engine(profile_dict, max_num_batched_tokens=512, new_overhead_s=0.003, new_overhead_per="prefill_step")
+    for x in (base, e):
+        x.add_request("a", 100, SamplingParams(max_tokens=4))
+        x.add_request("b", 50, SamplingParams(max_tokens=4))
+        x.step()
+    assert e.now - base.now == pytest.approx(0.003)               # two prompts, one step: once
+    for x in (base, e):
+        x.step()                                                   # decode only: nothing
+    assert e.now - base.now == pytest.approx(0.003)
+    for x in (base, e):
+        x.add_request("c", 1200, SamplingParams(max_tokens=2))    # three chunks of <= 510 tokens
+        for _ in range(3):
+            x.step()
+    assert e.now - base.now == pytest.approx(4 * 0.003)
+    with pytest.raises(ValueError, match="new_overhead_per"):
+        _engine(profile_dict, new_overhead_per="token")
+
+
+@pytest.mark.parametrize("quantiles,per", [(False, "request"), (True, "request"), (True, "prefill_step")])
+def test_fast_forward_equals_per_step_with_overheads(profile_dict, quantiles, per):
     """The per-sequence and per-new-request terms (constant, or drawn per request from measured
     quantiles) keep decode windows exact and runs deterministic."""
     specs = random_reqs(120, seed=5, rate=60.0, osl=(1, 200))
@@ -178,6 +200,7 @@ def test_fast_forward_equals_per_step_with_overheads(profile_dict, quantiles):
         prof = dict(profile_dict, serving_overhead={"new_q": [-0.001, 0.0, 0.001, 0.004, 0.05]})
     else:
         ovh += ("--new-overhead-ms", "2")
+    ovh += ("--new-overhead-per", per)
     a, _ = run(prof, specs, "--gpus", "1", *ovh)
     b, _ = run(prof, specs, "--gpus", "1", "--no-fast-forward", *ovh)
     a2, _ = run(prof, specs, "--gpus", "1", *ovh)
@@ -187,6 +210,7 @@ def test_fast_forward_equals_per_step_with_overheads(profile_dict, quantiles):
     assert a["summary"]["overall"]["tpot_ms"]["p50"] > c["summary"]["overall"]["tpot_ms"]["p50"]
     if quantiles:
         assert a["config"]["sim"]["engine"]["new_overhead_q_ms"] == pytest.approx([-1.0, 0.0, 1.0, 4.0, 50.0])
+        assert a["config"]["sim"]["engine"]["new_overhead_per"] == per
         # the draw spreads TTFT: its p90 grows more than its p50 over the no-overhead run
         d50 = a["summary"]["overall"]["ttft_ms"]["p50"] - c["summary"]["overall"]["ttft_ms"]["p50"]
         d90 = a["summary"]["overall"]["ttft_ms"]["p90"] - c["summary"]["overall"]["ttft_ms"]["p90"]
