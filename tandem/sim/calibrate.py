@@ -286,10 +286,13 @@ def by_batch(samples: list[StepSample], fit: dict, width: int = 8) -> list[tuple
 
 def admission_quantiles(samples: list[StepSample], fit: dict, floor_s: float, points: int = 21,
                         min_steps: int = 20) -> list[float] | None:
-    """Quantiles (p0..p100 in `points` steps) of the admission time n seen in steps that admitted one
-    request: gap - T_profile - a - s*n_seqs, floored at `floor_s`. None with fewer than `min_steps`."""
+    """Quantiles (p0..p100 in `points` steps) of the admission time n seen in admitting samples:
+    gap - T_profile - a - s*n_seqs, floored at `floor_s`; None with fewer than `min_steps`. Per prefill
+    step (`fit["new_per"]`, the default) every admitting sample is one prefill step, however many
+    prompts it admits; per request only those that admitted one request count."""
+    per_step = fit.get("new_per", "prefill_step") != "request"
     ex = sorted(max(floor_s, x.gap_s - x.model_s - fit["step_s"] * x.steps - fit["seq_s"] * x.n_seqs)
-                for x in samples if x.n_new == 1)
+                for x in samples if x.n_new == 1 or (per_step and x.n_new))
     if len(ex) < min_steps:
         return None
     out = []
