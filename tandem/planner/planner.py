@@ -706,9 +706,11 @@ class Planner:
             return out
         # ------------------------------------------------------------------ scale in
         excess = T - t_want
-        if excess >= 1 and not flips:
+        if excess >= 1:
+            # a flip this tick defers the stop but does not restart the low-demand clock: at
+            # 512 GPUs balancing flips come every few ticks and would otherwise block scale-in
             self._low_since = now if self._low_since is None else self._low_since
-            if now - self._low_since >= cfg.scale_in_delay_s and \
+            if not flips and now - self._low_since >= cfg.scale_in_delay_s and \
                     now - self._last_stop_t >= cfg.start_cooldown_s:
                 n = min(excess, k)
                 for _ in range(n):
