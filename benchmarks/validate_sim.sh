@@ -121,7 +121,8 @@ qs = (f"; admission time quantiles p50 {q[len(q) // 2] * 1e3:.2f}, p90 {q[round(
       f"max {q[-1] * 1e3:.2f} ms") if q else ""
 print(f"profile: {profile}")
 print(f"serving overheads measured on slice {slices[0][0]}: {cal['step_s'] * 1e3:.3f} ms/step + "
-      f"{cal['seq_s'] * 1e3:.4f} ms/seq + {cal['new_s'] * 1e3:.3f} ms/new request (mean){qs}; "
+      f"{cal['seq_s'] * 1e3:.4f} ms/seq + {cal['new_s'] * 1e3:.3f} ms/"
+      f"{'new request' if cal.get('new_per', 'request') == 'request' else 'prefill step'} (mean){qs}; "
       f"{cal['request_s'] * 1e3:.3f} ms/request before the router")
 for i, (s, start, *rest) in enumerate(slices):
     real = load(f"real_{s}")
