@@ -136,6 +136,28 @@ class StepSample:
     steps: int = 1
 
 
+def token_clusters(events: list[tuple], join_s: float = 0.0004) -> list[list]:
+    """Engine steps of one worker from (receive time, request idx, token index) events: [t_first, t_last,
+    {idx: token index}] per step. A step's tokens arrive together: a new step starts when the gap to the
+    previous receive reaches `join_s` or a request repeats."""
+    clusters: list[list] = []
+    for t, idx, i in sorted(events):
+        c = clusters[-1] if clusters else None
+        if c is not None and t - c[1] < join_s and idx not in c[2]:
+            c[1] = t
+            c[2][idx] = i
+        else:
+            clusters.append([t, t, {idx: i}])
+    return clusters
+
+
+def report_events(report: dict) -> list[tuple]:
+    """(receive time since the first send, request idx, token index) of every streamed token of a report."""
+    recs = [r for r in report.get("requests", []) if r.get("status") == "ok" and r.get("token_times_s")]
+    return [(r["arrival_s"] + (r.get("dispatch_lag_s") or 0.0) + t, r["idx"], i)
+            for r in recs for i, t in enumerate(r["token_times_s"])]
+
+
 def step_samples(report: dict, profile, join_s: float = 0.0004, token_budget: int | None = None) -> list[StepSample]:
     """Engine steps of a one-worker run, rebuilt from the per-chunk receive times (module docstring).
 
@@ -161,15 +183,7 @@ def step_samples(report: dict, profile, join_s: float = 0.0004, token_budget: in
             chunked.append((s0, s0 + r["token_times_s"][0]))
     if not events:
         raise ValueError("the report has no per-token times (tandem bench records them for streamed requests)")
-    events.sort()
-    clusters: list[list] = []                          # [t_first, t_last, {idx: chunk index}]
-    for t, idx, i in events:
-        c = clusters[-1] if clusters else None
-        if c is not None and t - c[1] < join_s and idx not in c[2]:
-            c[1] = t
-            c[2][idx] = i
-        else:
-            clusters.append([t, t, {idx: i}])
+    clusters = token_clusters(events, join_s)
     chunked.sort()
 
     def model(ids: dict) -> tuple[float, int, int]:
