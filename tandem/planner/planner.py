@@ -30,6 +30,9 @@ One tick:
    decode -> prefill the decode worker with the fewest running decodes (least KV to migrate).
 7. **Scale** (only with min_gpus/max_gpus): start workers when the needs exceed the budget, stop
    (gracefully) when the budget has exceeded need x (1 + headroom) for `scale_in_delay_s`.
+   A starting worker counts toward its pool only from its expected ready time (`since` +
+   `worker_start_s`): until then flips cover the gap (a flip takes ~1 s, a start ~20 s), while
+   scale-out still counts it so that it is not started twice.
 
 Every decision carries a human-readable reason and the inputs it was made from; a tick that
 changes nothing logs nothing (but its inputs are kept as `last_inputs`).
@@ -123,7 +126,7 @@ class Planner:
 
         m = self._measure(view, workers)
         pred = self._predict(m)
-        pools = self._pools(workers)
+        pools, coming = self._pools(workers, now)
         P, D = len(pools["prefill"]), len(pools["decode"])
         G = P + D
         demand = Demand(rate=pred["rate"], isl=pred["isl"], osl=pred["osl"], isl_p90=self._isl_p90,
@@ -212,6 +215,7 @@ class Planner:
             "split": {"prefill": P, "decode": D, "budget": G,
                       "flipping": sum(1 for w in workers if w.state == "flipping"),
                       "starting": sum(1 for w in workers if w.state == "starting"),
+                      "coming": dict(coming),
                       "both": sum(1 for w in workers if w.role == "both" and w.in_service())},
             "util": {"prefill": _r(load_p / P if P else (math.inf if load_p else 0.0)),
                      "decode": _r(load_d / D if D else (math.inf if load_d else 0.0))},
@@ -243,7 +247,7 @@ class Planner:
 
         # ---------------------------------------------------------------- scale in / out
         if cfg.scaling:
-            decisions += self._scale(now, pools, need_p, need_d, decisions, inputs, idle)
+            decisions += self._scale(now, pools, coming, need_p, need_d, decisions, inputs, idle)
 
         if (regime != self._regime and regime in ("idle", "infeasible") and not decisions
                 and now - self._last_hold.get(regime, -math.inf) >= 60.0):
@@ -503,10 +507,22 @@ class Planner:
         return {"rate": rate, "prefill_tps": ptps, "decode_tps": dtps, "isl": isl, "osl": osl,
                 "context": ctx}
 
-    def _pools(self, workers: list[WorkerView]) -> dict[str, list[WorkerView]]:
+    def _pools(self, workers: list[WorkerView], now: float
+               ) -> tuple[dict[str, list[WorkerView]], dict[str, int]]:
+        """Workers per pool that serve now or within a flip (`pools`), and the starting workers
+        that will not (`coming`, by role). A start takes `worker_start_s`; counting it as already
+        in service blocked the flips that could cover the gap while it loads (bursty-swing study),
+        so only scale-out counts `coming` (to not start the same worker twice)."""
         pools: dict[str, list[WorkerView]] = {"prefill": [], "decode": []}
+        coming = {"prefill": 0, "decode": 0}
+        soon = now + self.profile.role_flip_s + self.cfg.tick_s
         for w in workers:
             if not w.in_service():
+                continue
+            if w.state == "starting" and finite(w.since, now) + self.profile.worker_start_s > soon:
+                role = w.effective_role()
+                if role in coming:
+                    coming[role] += 1
                 continue
             role = w.effective_role()
             pend = self._pending.get(str(w.worker_id))
@@ -514,7 +530,7 @@ class Planner:
                 role = pend[0]
             if role in pools:
                 pools[role].append(w)
-        return pools
+        return pools, coming
 
     def _clamp_p(self, p: int, G: int) -> int:
         lo = min(self.cfg.min_prefill, G)
@@ -666,11 +682,12 @@ class Planner:
         self._last_flip_dir = f"{src}->{dst}"
         return out
 
-    def _scale(self, now: float, pools: dict, need_p: int, need_d: int, flips: list[Decision],
-               inputs: dict, idle: bool) -> list[Decision]:
+    def _scale(self, now: float, pools: dict, coming: dict[str, int], need_p: int, need_d: int,
+               flips: list[Decision], inputs: dict, idle: bool) -> list[Decision]:
         cfg = self.cfg
-        # the split after this tick's flips
-        P, D = len(pools["prefill"]), len(pools["decode"])
+        # the split after this tick's flips, with the workers still starting (started already)
+        P = len(pools["prefill"]) + coming["prefill"]
+        D = len(pools["decode"]) + coming["decode"]
         for d in flips:
             if d.action == "flip":
                 P += 1 if d.to_role == "prefill" else -1

@@ -194,6 +194,30 @@ def test_scale_out_and_in(prof):
     assert {w.role for w in left} == {"prefill", "decode"}
 
 
+def test_pending_starts_do_not_block_flips(prof):
+    """A starting worker counts toward its pool only from its expected ready time: while 8
+    prefill starts load (60 s in this profile), a flip (1 s) covers the gap; scale-out still
+    counts them, so nothing is started twice. Once they are due, they count and nothing flips."""
+    cls = {"s": ClassStats(arrivals=40, prompt_tokens=40 * 3000, completions=40,
+                           output_tokens=40 * 200)}
+    for started_at, flips_expected in ((99.0, True), (100.0 - prof.worker_start_s, False)):
+        ws = ([WorkerView("p0", "prefill", since=0)]
+              + [WorkerView(f"d{i}", "decode", since=0) for i in range(4)]
+              + [WorkerView(f"s{i}", "prefill", state="starting", since=started_at)
+                 for i in range(8)])
+        pl = Planner(cfg(min_gpus=2, max_gpus=16), prof)
+        ds = pl.tick(ClusterView(now=100, workers=ws, window_s=1.0, classes=cls))
+        assert pl.last_inputs["need"]["prefill"] <= 9       # the starts cover the need
+        assert not [d for d in ds if d.action == "start"]
+        flips = [d for d in ds if d.action == "flip"]
+        if flips_expected:
+            assert pl.last_inputs["split"]["coming"] == {"prefill": 8, "decode": 0}
+            assert flips and all(d.from_role == "decode" and d.to_role == "prefill" for d in flips)
+        else:
+            assert pl.last_inputs["split"]["coming"] == {"prefill": 0, "decode": 0}
+            assert not flips
+
+
 def test_status_and_metrics_shape(prof):
     c = ToyCluster(prof, 2, 2)
     pl = Planner(cfg(), prof)
