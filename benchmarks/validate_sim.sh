@@ -46,10 +46,15 @@ slice_load() {
 }
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 )) s] $*"; }
+# host speed (CPU, launch cost, GPU clocks) before the profile and before each slice: eager prefill is host-
+# launch bound, so it tells machine variance from a code change (runs 3 vs 4 of slice D, docs/benchmarks.md)
+host_probe() { python3 benchmarks/host_probe.py --device "$DEVICE" --label "$1" --append "$OUT/host.jsonl" ||
+    echo "host probe failed"; }
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 [ -f "$MODEL/config.json" ] || python3 -m tandem.cli model init "$MODEL" --preset "$PRESET" || exit 1
 
 # 1. profile (same engine, same GPU, same call)
+host_probe start
 if [ -z "${PROFILE:-}" ]; then
     stamp "tandem profile"
     if timeout 300 python3 -m tandem.cli profile --model "$MODEL" --preset "$PRESET" --out "$OUT/profile.json" \
@@ -85,6 +90,7 @@ for SL in $SLICES; do
     TR=$(echo "$LOAD" | cut -d' ' -f2)
     [ -f "$TR" ] || { echo "slice $S: no trace $TR, skipped"; continue; }
     DONE="$DONE $SL"
+    host_probe "before-$S"
     stamp "bench slice $S ($LOAD)"
     $BENCH $LOAD --out "$OUT/real_$S.json" > "$OUT/bench_$S.log" 2>&1 || { tail -20 "$OUT/bench_$S.log"; exit 1; }
     grep -E "requests ok|output tok/s|TTFT p50|TTFT p90|TPOT p50|TPOT p90|dispatch lag" "$OUT/bench_$S.log"
@@ -143,4 +149,4 @@ REALS=""; for SL in $SLICES; do REALS="$REALS $OUT/real_${SL%%:*}.json"; done
 python3 benchmarks/gclog/overlap.py "$OUT" "$OUT/profile_cal.json" $REALS | tee -a "$OUT/validation.md"
 stamp "done"
 # the device tool returns at most 8 files: pack the raw reports and logs into one archive
-(cd "$OUT" && tar czf raw.tgz --remove-files real_*.json sim_*.json warmup.* serve.log bench_*.log 2>/dev/null; ls)
+(cd "$OUT" && tar czf raw.tgz --remove-files real_*.json sim_*.json warmup.* serve.log bench_*.log host.jsonl gc 2>/dev/null; ls)

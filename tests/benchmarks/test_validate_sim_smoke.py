@@ -41,3 +41,5 @@ def test_validate_sim_smoke(tmp_path, llama_dir):
     logs = [json.loads(p.read_text()) for p in (tmp_path / "gc").glob("gc_*.json")]
     assert any("worker" in " ".join(g["argv"]) for g in logs)       # the worker process logged its GC
     assert "worker gen-2" in r.stdout
+    probes = [json.loads(line)["label"] for line in (tmp_path / "host.jsonl").read_text().splitlines()]
+    assert probes == ["start", "before-A", "before-B"] and "host before-B: python" in r.stdout
