@@ -6,7 +6,8 @@ import json
 import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-_spec = importlib.util.spec_from_file_location("benchmarks_host_probe", os.path.join(ROOT, "benchmarks", "host_probe.py"))
+_spec = importlib.util.spec_from_file_location("benchmarks_host_probe",
+                                               os.path.join(ROOT, "benchmarks", "host_probe.py"))
 host_probe = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(host_probe)
 
