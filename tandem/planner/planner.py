@@ -33,6 +33,8 @@ One tick:
    A starting worker counts toward its pool only from its expected ready time (`since` +
    `worker_start_s`): until then flips cover the gap (a flip takes ~1 s, a start ~20 s), while
    scale-out still counts it so that it is not started twice.
+   With `predictor="seasonal"` and a detected period, both also use the need forecast one
+   cold start ahead (`_ahead`): starts begin before a recurring edge, stops keep that need.
 
 Every decision carries a human-readable reason and the inputs it was made from; a tick that
 changes nothing logs nothing (but its inputs are kept as `last_inputs`).
@@ -132,13 +134,7 @@ class Planner:
         demand = Demand(rate=pred["rate"], isl=pred["isl"], osl=pred["osl"], isl_p90=self._isl_p90,
                         context=pred["context"], prefill_backlog_tokens=m["prefill_backlog"],
                         decode_inflight=m["decode_inflight"])
-        need = workers_needed(demand, self.profile, cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac,
-                              cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac,
-                              prefill_util_max=cfg.prefill_util_max,
-                              decode_util_max=cfg.decode_util_max, kv_frac=cfg.kv_util_max,
-                              drain_s=cfg.backlog_drain_s, kv_capacity_tokens=m["kv_capacity"],
-                              max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)),
-                              max_batch=cfg.max_num_seqs)
+        need = self._needed(demand, m, G)
         load_p, load_d = nonneg(need.prefill_load), nonneg(need.decode_load)
         need_pf, need_dc = need.prefill, need.decode
         # an empty prefill pool: the decode workers prefill locally (aggregated serving), when the
@@ -247,7 +243,13 @@ class Planner:
 
         # ---------------------------------------------------------------- scale in / out
         if cfg.scaling:
-            decisions += self._scale(now, pools, coming, need_p, need_d, decisions, inputs, idle)
+            ahead = self._ahead(m, G)
+            if ahead is not None:
+                inputs["ahead"] = {"prefill": ahead[0], "decode": ahead[1],
+                                   "periods": {k: getattr(p, "period", None)
+                                               for k, p in self.pred.items()}}
+            decisions += self._scale(now, pools, coming, need_p, need_d, decisions, inputs, idle,
+                                     ahead)
 
         if (regime != self._regime and regime in ("idle", "infeasible") and not decisions
                 and now - self._last_hold.get(regime, -math.inf) >= 60.0):
@@ -498,6 +500,10 @@ class Planner:
         self.pred["rate"].update(rate_obs)
         self.pred["prefill_tps"].update(m["prefill_tps"])
         self.pred["decode_tps"].update(decode_obs)
+        return self._forecast(horizon)
+
+    def _forecast(self, horizon: float) -> dict:
+        """The predictors' demand `horizon` ticks ahead (no update)."""
         rate = nonneg(self.pred["rate"].predict(horizon))
         ptps = nonneg(self.pred["prefill_tps"].predict(horizon))
         dtps = nonneg(self.pred["decode_tps"].predict(horizon))
@@ -506,6 +512,31 @@ class Planner:
         ctx = self._ctx if self._ctx > 0 else isl + self._ctx_extra + osl / 2.0
         return {"rate": rate, "prefill_tps": ptps, "decode_tps": dtps, "isl": isl, "osl": osl,
                 "context": ctx}
+
+    def _needed(self, demand: Demand, m: dict, G: int) -> Any:
+        """Workers per pool for `demand` under the configured SLO targets and limits."""
+        cfg = self.cfg
+        return workers_needed(demand, self.profile, cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac,
+                              cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac,
+                              prefill_util_max=cfg.prefill_util_max,
+                              decode_util_max=cfg.decode_util_max, kv_frac=cfg.kv_util_max,
+                              drain_s=cfg.backlog_drain_s, kv_capacity_tokens=m["kv_capacity"],
+                              max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)),
+                              max_batch=cfg.max_num_seqs)
+
+    def _ahead(self, m: dict, G: int) -> Optional[tuple[int, int]]:
+        """Workers each pool needs within a cold start (`worker_start_s` + a tick) by the
+        predictors' seasonal forecast, or None when no predictor has found a period (then the
+        planner is exactly the non-seasonal one). Why: a start cannot catch an edge once it is
+        seen; a recurring edge can be forecast one period early (issue #8)."""
+        if not any(getattr(p, "period", None) for p in self.pred.values()):
+            return None
+        cfg = self.cfg
+        h = max(1.0, (self.profile.worker_start_s + cfg.tick_s) / cfg.tick_s)
+        f = self._forecast(h)
+        need = self._needed(Demand(rate=f["rate"], isl=f["isl"], osl=f["osl"],
+                                   isl_p90=self._isl_p90, context=f["context"]), m, G)
+        return max(need.prefill, cfg.min_prefill), max(need.decode, cfg.min_decode)
 
     def _pools(self, workers: list[WorkerView], now: float
                ) -> tuple[dict[str, list[WorkerView]], dict[str, int]]:
@@ -683,8 +714,12 @@ class Planner:
         return out
 
     def _scale(self, now: float, pools: dict, coming: dict[str, int], need_p: int, need_d: int,
-               flips: list[Decision], inputs: dict, idle: bool) -> list[Decision]:
+               flips: list[Decision], inputs: dict, idle: bool,
+               ahead: Optional[tuple[int, int]] = None) -> list[Decision]:
         cfg = self.cfg
+        if ahead is not None:
+            # start before a forecast edge; do not stop below the forecast within a start
+            need_p, need_d = max(need_p, ahead[0]), max(need_d, ahead[1])
         # the split after this tick's flips, with the workers still starting (started already)
         P = len(pools["prefill"]) + coming["prefill"]
         D = len(pools["decode"]) + coming["decode"]

@@ -230,7 +230,9 @@ class PlannerConfig:
     scale_in_delay_s: float = 60.0
     start_cooldown_s: float = 5.0
     # prediction
-    predictor: str = "burst"                 # constant | ewma | holt | burst (max(ewma, last))
+    # constant | ewma | holt | burst (max(ewma, last)) | seasonal (burst + a detected period:
+    # scale-out starts a cold start ahead of a recurring edge; see docs/planner.md, issue #8)
+    predictor: str = "burst"
     predictor_half_life_s: float = 4.0
     history: int = 200                       # decisions kept for /v1/cluster
 
