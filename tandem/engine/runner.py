@@ -19,6 +19,18 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bf
            "float16": torch.float16, "fp16": torch.float16}
 
 
+def _extend_slots(slots: list[int], table: list[int], start: int, end: int, bs: int) -> None:
+    """Append the KV slot of every position in [start, end): one C-level range per block, not a Python
+    step per token (a 2,048-token chunk took ~0.25 ms of host time token by token)."""
+    p = start
+    while p < end:
+        b, off = divmod(p, bs)
+        q = min(end, (b + 1) * bs)
+        base = table[b] * bs + off
+        slots.extend(range(base, base + q - p))
+        p = q
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -110,9 +122,8 @@ class ModelRunner:
             start = req.num_computed_tokens
             input_ids.extend(req.all_token_ids[start:start + n])
             table = req.block_table
-            for p in range(start, start + n):
-                positions.append(p)
-                slots.append(table[p // bs] * bs + p % bs)
+            positions.extend(range(start, start + n))
+            _extend_slots(slots, table, start, start + n, bs)
             qsl.append(qsl[-1] + n)
             seq_lens.append(start + n)
             tables.append(table)
