@@ -246,6 +246,7 @@ class Planner:
             ahead = self._ahead(m, G)
             if ahead is not None:
                 inputs["ahead"] = {"prefill": ahead[0], "decode": ahead[1],
+                                   "keep_prefill": ahead[2], "keep_decode": ahead[3],
                                    "periods": {k: getattr(p, "period", None)
                                                for k, p in self.pred.items()}}
             decisions += self._scale(now, pools, coming, need_p, need_d, decisions, inputs, idle,
@@ -524,19 +525,23 @@ class Planner:
                               max_workers=max(64, 4 * max(G, cfg.max_gpus or 0)),
                               max_batch=cfg.max_num_seqs)
 
-    def _ahead(self, m: dict, G: int) -> Optional[tuple[int, int]]:
-        """Workers each pool needs within a cold start (`worker_start_s` + a tick) by the
-        predictors' seasonal forecast, or None when no predictor has found a period (then the
-        planner is exactly the non-seasonal one). Why: a start cannot catch an edge once it is
-        seen; a recurring edge can be forecast one period early (issue #8)."""
+    def _ahead(self, m: dict, G: int) -> Optional[tuple[int, int, int, int]]:
+        """(prefill, decode) the predictors' seasonal forecast needs within a cold start
+        (`worker_start_s` + a tick: scale-out) and within `scale_in_delay_s` (the time a stop
+        must pay off: scale-in keeps it), or None when no predictor has found a period (then
+        the planner is exactly the non-seasonal one). Why: a start cannot catch an edge once it
+        is seen; a recurring edge can be forecast one period early (issue #8)."""
         if not any(getattr(p, "period", None) for p in self.pred.values()):
             return None
         cfg = self.cfg
-        h = max(1.0, (self.profile.worker_start_s + cfg.tick_s) / cfg.tick_s)
-        f = self._forecast(h)
-        need = self._needed(Demand(rate=f["rate"], isl=f["isl"], osl=f["osl"],
-                                   isl_p90=self._isl_p90, context=f["context"]), m, G)
-        return max(need.prefill, cfg.min_prefill), max(need.decode, cfg.min_decode)
+        out: list[int] = []
+        for secs in (self.profile.worker_start_s + cfg.tick_s,
+                     max(cfg.scale_in_delay_s, self.profile.worker_start_s + cfg.tick_s)):
+            f = self._forecast(max(1.0, secs / cfg.tick_s))
+            need = self._needed(Demand(rate=f["rate"], isl=f["isl"], osl=f["osl"],
+                                       isl_p90=self._isl_p90, context=f["context"]), m, G)
+            out += [max(need.prefill, cfg.min_prefill), max(need.decode, cfg.min_decode)]
+        return out[0], out[1], out[2], out[3]
 
     def _pools(self, workers: list[WorkerView], now: float
                ) -> tuple[dict[str, list[WorkerView]], dict[str, int]]:
@@ -715,10 +720,13 @@ class Planner:
 
     def _scale(self, now: float, pools: dict, coming: dict[str, int], need_p: int, need_d: int,
                flips: list[Decision], inputs: dict, idle: bool,
-               ahead: Optional[tuple[int, int]] = None) -> list[Decision]:
+               ahead: Optional[tuple[int, int, int, int]] = None) -> list[Decision]:
         cfg = self.cfg
+        keep_p, keep_d = need_p, need_d
         if ahead is not None:
-            # start before a forecast edge; do not stop below the forecast within a start
+            # start before a forecast edge; do not stop what the forecast needs before the
+            # stop would pay off
+            keep_p, keep_d = max(need_p, ahead[2]), max(need_d, ahead[3])
             need_p, need_d = max(need_p, ahead[0]), max(need_d, ahead[1])
         # the split after this tick's flips, with the workers still starting (started already)
         P = len(pools["prefill"]) + coming["prefill"]
@@ -730,7 +738,7 @@ class Planner:
         T = P + D
         min_g = cfg.min_gpus if cfg.min_gpus is not None else cfg.min_prefill + cfg.min_decode
         max_g = cfg.max_gpus if cfg.max_gpus is not None else max(T, min_g)
-        t_need = need_p + need_d
+        t_need = keep_p + keep_d
         t_want = max(min_g, min(max_g, t_need + int(round(t_need * cfg.scale_headroom))))
         inputs["scale"] = {"total": T, "need": t_need, "want": t_want, "min": min_g, "max": max_g}
         out: list[Decision] = []
@@ -766,8 +774,8 @@ class Planner:
                     now - self._last_stop_t >= cfg.start_cooldown_s:
                 n = min(excess, k)
                 for _ in range(n):
-                    slack_p = P - max(need_p, cfg.min_prefill)
-                    slack_d = D - max(need_d, cfg.min_decode)
+                    slack_p = P - max(keep_p, cfg.min_prefill)
+                    slack_d = D - max(keep_d, cfg.min_decode)
                     if slack_p <= 0 and slack_d <= 0:
                         break
                     role = "prefill" if slack_p > slack_d else "decode"

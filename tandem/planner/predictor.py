@@ -177,8 +177,11 @@ class Seasonal:
             return base
         h = max(1, int(math.ceil(_clean(horizon))))
         v, n = self.values, len(self.values)
-        # value at time t+i one period ago: index n-1+i-p, i = 1..h (only what is in history)
-        ahead = [v[j] for j in range(max(0, n - p), min(n, n - p + h))]
+        # value at time t+i one period ago: index n-1+i-p, i = 1..h (only what is in history),
+        # widened by a tolerance: the period is found to a few ticks and an edge is smeared
+        # over the measurement window
+        tol = 2 + p // 50
+        ahead = [v[j] for j in range(max(0, n - p - tol), min(n, n - p + h + tol))]
         return _out(max(base, max(ahead))) if ahead else base
 
 
