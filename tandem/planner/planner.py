@@ -807,7 +807,7 @@ class Planner:
     @staticmethod
     def _decision_inputs(inputs: dict) -> dict:
         keys = ("now", "measured", "pressure", "pressure_why", "predicted", "need", "split", "util",
-                "target", "regime", "capacity", "aggregated")
+                "target", "regime", "capacity", "aggregated", "ahead")
         return jsonable({k: inputs[k] for k in keys if k in inputs})
 
     @staticmethod
