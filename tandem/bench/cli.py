@@ -21,7 +21,9 @@ from tandem.bench import traces as tr
 from tandem.bench import workloads as wl
 from tandem.bench.client import BenchError, ClientConfig, Runner, preflight, probe
 from tandem.bench.prompts import PromptBuilder, PromptError, load_tokenizer
-from tandem.bench.report import build_report, print_summary, write_report
+from tandem.bench.report import build_report, load_config, print_summary, write_report
+from tandem.common.argtypes import nonneg as _nonneg
+from tandem.common.argtypes import positive as _positive
 
 EXIT_OK, EXIT_NO_SUCCESS, EXIT_BAD_INPUT, EXIT_SERVER = 0, 1, 2, 3
 
@@ -39,28 +41,6 @@ examples:
 Metrics follow vLLM's bench serve (TTFT to first output chunk; TPOT = (E2E - TTFT)/(tokens - 1);
 ITL = gaps between chunks). --time-scale multiplies trace timestamps (0.5 = twice as fast).
 """
-
-
-def _positive(kind):
-    def f(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    return f
-
-
-def _nonneg_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-    return v
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -85,7 +65,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--cv", type=_positive(float), default=None, help="inter-arrival CV for --arrival gamma")
     g.add_argument("--time-scale", type=_positive(float), default=1.0,
                    help="multiply trace timestamps by S (0.5 replays twice as fast)")
-    g.add_argument("--trace-start", type=_nonneg_float, default=0.0, help="skip the first S trace seconds")
+    g.add_argument("--trace-start", type=_nonneg(float), default=0.0, help="skip the first S trace seconds")
     g.add_argument("--jitter", default="auto",
                    help="add U[0,J) trace seconds to each arrival; 'auto' = the tick size when a trace's "
                         "timestamps are quantized (Mooncake: ~3 s), else 0")
@@ -383,16 +363,7 @@ def run(args) -> int:
         "cluster_polled": info.has_cluster and cfg.poll_cluster,
         **src_info,
         "plan": shape,
-        "time_scale": args.time_scale,
-        "trace_start_s": args.trace_start,
-        "duration_limit_s": args.duration,
-        "max_requests": args.max_requests,
-        "rate": args.rate,
-        "arrival": args.arrival,
-        "seed": args.seed,
-        "max_isl": args.max_isl,
-        "max_osl": args.max_osl,
-        "classify": args.classify,
+        **load_config(args),
         "prompt_mode": prompts.mode,
         "tokenizer": args.tokenizer,
         "ignore_eos": args.ignore_eos,

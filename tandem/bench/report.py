@@ -26,6 +26,23 @@ from tandem.bench.records import RequestRecord, as_record
 OVERALL = "overall"
 
 
+def load_config(args) -> dict:
+    """The load-flag keys of a report's "config", in report order: `tandem bench` and `tandem sim` take
+    the same load flags and must report them alike, so a sim run can be checked against the bench run."""
+    return {
+        "time_scale": args.time_scale,
+        "trace_start_s": args.trace_start,
+        "duration_limit_s": args.duration,
+        "max_requests": args.max_requests,
+        "rate": args.rate,
+        "arrival": args.arrival,
+        "seed": args.seed,
+        "max_isl": args.max_isl,
+        "max_osl": args.max_osl,
+        "classify": args.classify,
+    }
+
+
 def _slo_map(config: dict) -> tuple[tuple, dict]:
     def s(v):
         return None if v is None else float(v) / 1e3

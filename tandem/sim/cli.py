@@ -15,6 +15,9 @@ import os
 import sys
 import time
 
+from tandem.common.argtypes import nonneg as _nonneg
+from tandem.common.argtypes import positive as _positive
+
 EXIT_OK, EXIT_NO_SUCCESS, EXIT_BAD_INPUT = 0, 1, 2
 
 EPILOG = """\
@@ -29,30 +32,6 @@ examples:
 The profile is a `tandem profile` JSON (or synthetic[:8b|1b], a roofline estimate, NOT a measurement).
 --replicate R with --time-scale scales a trace to many GPUs (see docs/sim.md).
 """
-
-
-def _positive(kind):
-    def f(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
-        return v
-    return f
-
-
-def _nonneg(kind):
-    def f(s):
-        try:
-            v = kind(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {s!r}") from None
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"must be >= 0, got {s}")
-        return v
-    return f
 
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

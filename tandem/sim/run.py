@@ -187,7 +187,7 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
 def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster]:
     """Run the simulation for planned requests; returns (report, cluster)."""
     from tandem.bench.cli import _parse_slos, _shape
-    from tandem.bench.report import build_report
+    from tandem.bench.report import build_report, load_config
     profile = SimProfile.load(args.profile) if isinstance(args.profile, str) else SimProfile.coerce(args.profile)
     if getattr(args, "mixed_model", None):
         profile.mixed_model = args.mixed_model
@@ -245,16 +245,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         "cluster_polled": True,
         **src_info,
         "plan": reqs.shape(_shape) if isinstance(reqs, ReplicatedRequests) else _shape(reqs),
-        "time_scale": args.time_scale,
-        "trace_start_s": args.trace_start,
-        "duration_limit_s": args.duration,
-        "max_requests": args.max_requests,
-        "rate": args.rate,
-        "arrival": args.arrival,
-        "seed": args.seed,
-        "max_isl": args.max_isl,
-        "max_osl": args.max_osl,
-        "classify": args.classify,
+        **load_config(args),
         "prompt_mode": "ids",
         "tokenizer": None,
         "ignore_eos": True,
