@@ -26,12 +26,12 @@ from dataclasses import dataclass
 
 import torch
 
-from tandem.common.errors import ContextTooLong, InvalidParams
+from tandem.common.errors import InvalidParams
 from tandem.common.outputs import EngineStats, RequestOutput
 from tandem.common.sampling import PRIORITIES, SamplingParams
 from tandem.engine.config import EngineConfig
 from tandem.engine.hostcopy import to_device
-from tandem.engine.kv_cache import KVCacheManager
+from tandem.engine.kv_cache import KVCacheManager, check_request_fits
 from tandem.engine.request import Request, Status
 from tandem.engine.runner import ModelRunner
 from tandem.engine.sampler import SampleRow, logprob_dicts, logprob_tensor, sample_ids
@@ -126,14 +126,7 @@ class Engine:
         vocab = self.model_config.vocab_size
         if min(ids) < 0 or max(ids) >= vocab:
             raise InvalidParams(f"prompt token ids must be in [0, {vocab})", "prompt")
-        total = len(ids) + params.max_tokens
-        if len(ids) + n_out >= self.max_model_len or total > self.max_model_len:
-            raise ContextTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({len(ids)} in the prompt, {params.max_tokens} for the completion).", "messages")
-        if self.kv.blocks_needed(total) > self.kv.pool.num_blocks:
-            raise ContextTooLong(f"request needs {total} tokens of KV cache but this worker holds only "
-                                 f"{self.kv.pool.num_blocks * self.kv.block_size}", "max_tokens")
+        check_request_fits(self.kv, len(ids), params.max_tokens, n_out, self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)

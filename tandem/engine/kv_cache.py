@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from tandem.common.errors import ContextTooLong
 from tandem.common.hashing import ROOT_HASH, hash_block
 
 
@@ -263,3 +264,16 @@ class KVCacheManager:
         self.pool.release(list(reversed(req.block_table)))
         req.block_table = []
         req.num_cached_blocks = 0
+
+
+def check_request_fits(kv: KVCacheManager, n_prompt: int, max_tokens: int, n_out: int, max_model_len: int) -> None:
+    """Reject at admission a request that could never run: longer than the model's context, or needing
+    more KV blocks than the worker has. Shared by `Engine` and `SimEngine`, so both refuse alike."""
+    total = n_prompt + max_tokens
+    if n_prompt + n_out >= max_model_len or total > max_model_len:
+        raise ContextTooLong(
+            f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+            f"{total} tokens ({n_prompt} in the prompt, {max_tokens} for the completion).", "messages")
+    if kv.blocks_needed(total) > kv.pool.num_blocks:
+        raise ContextTooLong(f"request needs {total} tokens of KV cache but this worker holds only "
+                             f"{kv.pool.num_blocks * kv.block_size}", "max_tokens")

@@ -39,10 +39,10 @@ import itertools
 import zlib
 from dataclasses import dataclass
 
-from tandem.common.errors import ContextTooLong, InvalidParams
+from tandem.common.errors import InvalidParams
 from tandem.common.outputs import EngineStats, RequestOutput
 from tandem.common.sampling import PRIORITIES, SamplingParams
-from tandem.engine.kv_cache import KVCacheManager
+from tandem.engine.kv_cache import KVCacheManager, check_request_fits
 from tandem.engine.request import Request, Status
 from tandem.engine.scheduler import Scheduler
 
@@ -297,14 +297,7 @@ class SimEngine:
     def _check_prompt(self, n: int, params: SamplingParams, n_out: int) -> None:
         if n < 1:
             raise InvalidParams("prompt must contain at least one token", "prompt")
-        total = n + params.max_tokens
-        if n + n_out >= self.max_model_len or total > self.max_model_len:
-            raise ContextTooLong(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you requested "
-                f"{total} tokens ({n} in the prompt, {params.max_tokens} for the completion).", "messages")
-        if self.kv.blocks_needed(total) > self.kv.pool.num_blocks:
-            raise ContextTooLong(f"request needs {total} tokens of KV cache but this worker holds only "
-                                 f"{self.kv.pool.num_blocks * self.kv.block_size}", "max_tokens")
+        check_request_fits(self.kv, n, params.max_tokens, n_out, self.max_model_len)
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         req = self.requests.pop(request_id, None)
