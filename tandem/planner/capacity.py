@@ -95,7 +95,8 @@ class ProfileError(ValueError):
     pass
 
 
-def _floats(v: Any, what: str) -> list[float]:
+def profile_floats(v: Any, what: str) -> list[float]:
+    """A profile field as a list of finite non-negative floats (the simulator's loader checks the same way)."""
     try:
         out = [float(a) for a in v]
     except (TypeError, ValueError):
@@ -148,14 +149,14 @@ class PerfProfile:
             pf, dc = d["prefill"], d["decode"]
         except KeyError as e:
             raise ProfileError(f"perf profile lacks the {e.args[0]!r} section") from None
-        pt, ps = _sorted_pairs(_floats(pf.get("tokens", []), "prefill.tokens"),
-                               _floats(pf.get("time_s", []), "prefill.time_s"), "prefill")
-        batch = _floats(dc.get("batch", []), "decode.batch")
-        ctx = _floats(dc.get("context", []), "decode.context")
+        pt, ps = _sorted_pairs(profile_floats(pf.get("tokens", []), "prefill.tokens"),
+                               profile_floats(pf.get("time_s", []), "prefill.time_s"), "prefill")
+        batch = profile_floats(dc.get("batch", []), "decode.batch")
+        ctx = profile_floats(dc.get("context", []), "decode.context")
         grid = dc.get("time_s", [])
         if not batch or not ctx or len(grid) != len(batch) or any(len(r) != len(ctx) for r in grid):
             raise ProfileError("decode.time_s must be a [len(batch)][len(context)] grid")
-        grid = [_floats(r, "decode.time_s") for r in grid]
+        grid = [profile_floats(r, "decode.time_s") for r in grid]
         bi = sorted(range(len(batch)), key=lambda i: batch[i])
         ci = sorted(range(len(ctx)), key=lambda j: ctx[j])
         batch = [batch[i] for i in bi]
@@ -164,8 +165,8 @@ class PerfProfile:
         pc = d.get("prefill_ctx") or {}
         cc, ct = [], []
         if pc.get("cached_tokens") and pc.get("time_s"):
-            cc, ct = _sorted_pairs(_floats(pc["cached_tokens"], "prefill_ctx.cached_tokens"),
-                                   _floats(pc["time_s"], "prefill_ctx.time_s"), "prefill_ctx")
+            cc, ct = _sorted_pairs(profile_floats(pc["cached_tokens"], "prefill_ctx.cached_tokens"),
+                                   profile_floats(pc["time_s"], "prefill_ctx.time_s"), "prefill_ctx")
         g = lambda k, dflt=0.0: nonneg(d.get(k), dflt)  # noqa: E731
         return cls(prefill_tokens=pt, prefill_time_s=ps, decode_batch=batch, decode_context=ctx,
                    decode_time_s=grid, kv_capacity_tokens=int(g("kv_capacity_tokens")),

@@ -52,24 +52,17 @@ import math
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from tandem.planner.capacity import ProfileError, profile_floats
+
 
 MIXED_MODELS = ("shared", "sum", "max")
 NEW_PER = ("request", "prefill_step")
 
 
-class ProfileError(ValueError):
-    pass
-
-
 def _floats(v: Any, what: str) -> list[float]:
-    try:
-        out = [float(a) for a in v]
-    except (TypeError, ValueError):
-        raise ProfileError(f"profile field {what} must be a list of numbers") from None
+    out = profile_floats(v, what)
     if not out:
         raise ProfileError(f"profile field {what} is empty")
-    if not all(math.isfinite(a) and a >= 0 for a in out):
-        raise ProfileError(f"profile field {what} must hold finite non-negative numbers")
     return out
 
 
