@@ -20,9 +20,9 @@ import time
 from tandem.bench import traces as tr
 from tandem.bench import workloads as wl
 from tandem.bench.client import BenchError, ClientConfig, Runner, preflight, probe
+from tandem.bench.loadargs import add_load_arguments
 from tandem.bench.prompts import PromptBuilder, PromptError, load_tokenizer
 from tandem.bench.report import build_report, load_config, print_summary, write_report
-from tandem.common.argtypes import nonneg as _nonneg
 from tandem.common.argtypes import positive as _positive
 
 EXIT_OK, EXIT_NO_SUCCESS, EXIT_BAD_INPUT, EXIT_SERVER = 0, 1, 2, 3
@@ -52,35 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="/v1/completions (exact ISL; default) or /v1/chat/completions (text prompts)")
 
     g = p.add_argument_group("load")
-    src = g.add_mutually_exclusive_group()
-    src.add_argument("--trace", action="append", metavar="FILE[#CLASS[:PRIORITY]]",
-                     help="Azure 2023 CSV or Mooncake/generic JSONL; repeat to merge traces as classes")
-    src.add_argument("--workload", help=f"synthetic workload: {', '.join(wl.WORKLOADS)}")
-    g.add_argument("--wl", action="append", metavar="KEY=VALUE[,KEY=VALUE]",
-                   help="workload parameter (see tandem.bench.workloads.WorkloadParams), e.g. chat_isl=128")
-    g.add_argument("--rate", type=_positive(float), default=None,
-                   help="requests/s: the workload's rate, or re-time a trace with synthetic arrivals")
-    g.add_argument("--arrival", choices=("poisson", "gamma", "constant"), default=None,
-                   help="arrival process for --rate (default poisson)")
-    g.add_argument("--cv", type=_positive(float), default=None, help="inter-arrival CV for --arrival gamma")
-    g.add_argument("--time-scale", type=_positive(float), default=1.0,
-                   help="multiply trace timestamps by S (0.5 replays twice as fast)")
-    g.add_argument("--trace-start", type=_nonneg(float), default=0.0, help="skip the first S trace seconds")
-    g.add_argument("--jitter", default="auto",
-                   help="add U[0,J) trace seconds to each arrival; 'auto' = the tick size when a trace's "
-                        "timestamps are quantized (Mooncake: ~3 s), else 0")
-    g.add_argument("--duration", type=_positive(float), default=None,
-                   help="send arrivals of the first S seconds (after --time-scale); workloads default to 60")
-    g.add_argument("--max-requests", type=_positive(int), default=None, help="send at most N requests")
-    g.add_argument("--max-isl", type=_positive(int), default=None, help="cap prompt length (tokens)")
-    g.add_argument("--max-osl", type=_positive(int), default=None, help="cap output length (tokens)")
-    g.add_argument("--classify", choices=("none", "shape"), default="none",
-                   help="shape: split trace rows into chat (interactive) and summarize (batch) by isl/osl")
-    g.add_argument("--shape-ratio", type=_positive(float), default=4.0,
-                   help="with --classify shape: isl >= R*osl is summarize")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-concurrency", type=_positive(int), default=None,
-                   help="cap requests in flight (default: none, pure open loop)")
+    add_load_arguments(g)
 
     g = p.add_argument_group("requests")
     g.add_argument("--prompt-mode", choices=("auto", "ids", "text"), default="auto",

@@ -15,6 +15,7 @@ import os
 import sys
 import time
 
+from tandem.bench.loadargs import add_load_arguments
 from tandem.common.argtypes import nonneg as _nonneg
 from tandem.common.argtypes import positive as _positive
 
@@ -36,29 +37,8 @@ The profile is a `tandem profile` JSON (or synthetic[:8b|1b], a roofline estimat
 
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("load (same flags and meaning as tandem bench)")
-    src = g.add_mutually_exclusive_group(required=True)
-    src.add_argument("--trace", action="append", metavar="FILE[#CLASS[:PRIORITY]]",
-                     help="Azure 2023 CSV or Mooncake/generic JSONL; repeat to merge traces as classes")
-    src.add_argument("--workload", help="synthetic workload: chat, summarize, mixed, bursty")
-    g.add_argument("--wl", action="append", metavar="KEY=VALUE[,KEY=VALUE]", help="workload parameter")
-    g.add_argument("--rate", type=_positive(float), default=None,
-                   help="requests/s: the workload's rate, or re-time a trace with synthetic arrivals")
-    g.add_argument("--arrival", choices=("poisson", "gamma", "constant"), default=None)
-    g.add_argument("--cv", type=_positive(float), default=None)
-    g.add_argument("--time-scale", type=_positive(float), default=1.0,
-                   help="multiply trace timestamps by S (0.5 replays twice as fast)")
-    g.add_argument("--trace-start", type=_nonneg(float), default=0.0, help="skip the first S trace seconds")
-    g.add_argument("--jitter", default="auto", help="as tandem bench")
-    g.add_argument("--duration", type=_positive(float), default=None,
-                   help="arrivals of the first S seconds (after --time-scale); workloads default to 60")
-    g.add_argument("--max-requests", type=_positive(int), default=None)
-    g.add_argument("--max-isl", type=_positive(int), default=None)
-    g.add_argument("--max-osl", type=_positive(int), default=None)
-    g.add_argument("--classify", choices=("none", "shape"), default="none")
-    g.add_argument("--shape-ratio", type=_positive(float), default=4.0)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-concurrency", type=_positive(int), default=None,
-                   help="cap requests in flight at the client, as tandem bench does (the wait shows as dispatch lag)")
+    add_load_arguments(g, required=True, max_concurrency_help="cap requests in flight at the client, as tandem "
+                       "bench does (the wait shows as dispatch lag)")
     g.add_argument("--replicate", type=_positive(int), default=1,
                    help="R copies of the planned requests (scale a trace to many GPUs)")
     g.add_argument("--replicate-shift", choices=("random", "none"), default="random",
