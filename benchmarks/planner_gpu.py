@@ -148,19 +148,12 @@ class ClusterPoller(threading.Thread):
 # ============================================================================ runs
 def cpu_profile(model: str, out: Path) -> str:
     """A measured CPU profile of the tiny model (what the planner needs; `tandem profile` is GPU-only)."""
-    from tandem.engine.config import EngineConfig
-    from tandem.engine.engine import Engine
-    from tandem.profile.profiler import ProfilePlan, profile_engine
+    from tandem.profile.profiler import ProfilePlan, profile_cpu
     plan = ProfilePlan(prefill_tokens=(16, 64, 256, 512), ctx_cached=(0, 128), ctx_new_tokens=32,
                        decode_batches=(1, 4, 8), decode_contexts=(64, 256), decode_steps=2,
                        mixed_points=((64, 4, 128),), repeats=1)
-    t = time.perf_counter()
-    eng = Engine(EngineConfig(model, device="cpu", max_num_seqs=16, max_model_len=1024))
-    p = profile_engine(eng, plan, model=model, preset="tiny", command="benchmarks/planner_gpu.py --smoke",
-                       weight_load_s=0.1, worker_start_s=time.perf_counter() - t, copy_gbps=10.0, mm_tflops=0.1,
-                       log=lambda s: None)
-    p.save(str(out))
-    return str(out)
+    return profile_cpu(model, str(out), plan, command="benchmarks/planner_gpu.py --smoke", max_num_seqs=16,
+                       max_model_len=1024)
 
 
 def serve_and_bench(a, name: str, pool: list[str], trace: Path, slo: list[str], poll: bool) -> dict:

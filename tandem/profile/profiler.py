@@ -168,6 +168,22 @@ def profile_engine(engine, plan: ProfilePlan, *, model: str, preset: str | None,
     return prof
 
 
+def profile_cpu(model_dir: str, out: str, plan: ProfilePlan, *, command: str, max_num_seqs: int,
+                max_model_len: int) -> str:
+    """Measure a (tiny) model on the CPU with the same code as `tandem profile` (which is GPU-only) and save
+    it to `out`: the real profile the planner's CPU tests and smoke runs load. The copy bandwidth and matmul
+    ceilings are placeholders (10 GB/s, 0.1 TFLOP/s), not measured."""
+    from tandem.engine.config import EngineConfig
+    from tandem.engine.engine import Engine
+    t = time.perf_counter()
+    eng = Engine(EngineConfig(model_dir, device="cpu", max_num_seqs=max_num_seqs, max_model_len=max_model_len))
+    p = profile_engine(eng, plan, model=model_dir, preset="tiny", command=command,
+                       weight_load_s=0.1, worker_start_s=time.perf_counter() - t, copy_gbps=10.0, mm_tflops=0.1,
+                       log=lambda s: None)
+    p.save(str(out))
+    return str(out)
+
+
 def profile_model(model_dir: str, out: str | None = None, *, preset: str | None = None, quick: bool = False,
                   command: str = "", log=print, **engine_overrides) -> Profile:
     """Load the model into a fresh engine on this GPU, measure, and (optionally) save the profile."""

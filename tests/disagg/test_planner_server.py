@@ -29,19 +29,12 @@ IDLE_S = 60.0                      # the issue's zero-traffic period
 
 def cpu_profile(model_dir, out):
     """A real (CPU) perf profile of the tiny model, measured with the same code as `tandem profile`."""
-    from tandem.engine.config import EngineConfig
-    from tandem.engine.engine import Engine
-    from tandem.profile.profiler import ProfilePlan, profile_engine
+    from tandem.profile.profiler import ProfilePlan, profile_cpu
     plan = ProfilePlan(prefill_tokens=(16, 64, 256, 1024), ctx_cached=(0, 256), ctx_new_tokens=64,
                        decode_batches=(1, 4, 16, 32), decode_contexts=(64, 256), decode_steps=3,
                        mixed_points=((64, 4, 128),), repeats=2)
-    t = time.perf_counter()
-    eng = Engine(EngineConfig(model_dir, device="cpu", max_num_seqs=64, max_model_len=2048))
-    p = profile_engine(eng, plan, model=model_dir, preset="tiny", command="tests/disagg/test_planner_server.py",
-                       weight_load_s=0.1, worker_start_s=time.perf_counter() - t, copy_gbps=10.0, mm_tflops=0.1,
-                       log=lambda s: None)
-    p.save(out)
-    return out
+    return profile_cpu(model_dir, out, plan, command="tests/disagg/test_planner_server.py", max_num_seqs=64,
+                       max_model_len=2048)
 
 
 def planner_flags(prof):
