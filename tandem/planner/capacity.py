@@ -40,6 +40,16 @@ from tandem.planner.types import finite, nonneg
 # ----------------------------------------------------------------------------------- interpolation
 
 
+def _seg_index(xs: Sequence[float], x: float) -> int:
+    """Index i of the segment [xs[i], xs[i+1]] that holds x, or the end segment x extrapolates from (n >= 2)."""
+    n = len(xs)
+    if x <= xs[0]:
+        return 0
+    if x >= xs[-1]:
+        return n - 2
+    return max(0, min(n - 2, bisect.bisect_right(xs, x) - 1))
+
+
 def interp1(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
     """Piecewise-linear y(x); linear extrapolation with the end segments' slopes, result >= 0."""
     n = len(xs)
@@ -47,12 +57,7 @@ def interp1(xs: Sequence[float], ys: Sequence[float], x: float) -> float:
         return 0.0
     if n == 1:
         return max(0.0, float(ys[0]) * (x / xs[0]) if xs[0] > 0 else float(ys[0]))
-    if x <= xs[0]:
-        i = 0
-    elif x >= xs[-1]:
-        i = n - 2
-    else:
-        i = max(0, min(n - 2, bisect.bisect_right(xs, x) - 1))
+    i = _seg_index(xs, x)
     x0, x1, y0, y1 = xs[i], xs[i + 1], ys[i], ys[i + 1]
     if x1 == x0:
         return max(0.0, float(y0))
@@ -65,12 +70,7 @@ def _seg(xs: Sequence[float], x: float) -> tuple[int, float]:
     n = len(xs)
     if n == 1:
         return 0, 0.0
-    if x <= xs[0]:
-        i = 0
-    elif x >= xs[-1]:
-        i = n - 2
-    else:
-        i = max(0, min(n - 2, bisect.bisect_right(xs, x) - 1))
+    i = _seg_index(xs, x)
     d = xs[i + 1] - xs[i]
     return i, ((x - xs[i]) / d) if d else 0.0
 
