@@ -96,8 +96,8 @@ def module_servers():
     s.stop()
 
 
-def fastapi_stub_args(**kw) -> list[str]:
-    args = [str(HERE / "fastapi_stub.py"), "--port", "{port}"]
+def _with_flags(args: list[str], kw: dict) -> list[str]:
+    """args + one --flag-name per keyword: bare for True, left out for None/False, else with its value."""
     for k, v in kw.items():
         flag = "--" + k.replace("_", "-")
         if v is True:
@@ -105,17 +105,14 @@ def fastapi_stub_args(**kw) -> list[str]:
         elif v not in (None, False):
             args += [flag, str(v)]
     return args
+
+
+def fastapi_stub_args(**kw) -> list[str]:
+    return _with_flags([str(HERE / "fastapi_stub.py"), "--port", "{port}"], kw)
 
 
 def raw_stub_args(**kw) -> list[str]:
-    args = ["-m", "tandem.bench.stub", "--port", "{port}"]
-    for k, v in kw.items():
-        flag = "--" + k.replace("_", "-")
-        if v is True:
-            args.append(flag)
-        elif v not in (None, False):
-            args += [flag, str(v)]
-    return args
+    return _with_flags(["-m", "tandem.bench.stub", "--port", "{port}"], kw)
 
 
 def check_report_consistent(report: dict) -> None:
