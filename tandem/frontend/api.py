@@ -22,7 +22,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -635,6 +635,24 @@ class _Run:
         body["error"]["status"] = status
         return f"data: {_dumps(body)}\n\n"
 
+    def _has_news(self, text: str, d: Delta) -> bool:
+        """Whether a delta is worth a chunk: text, the finish, or token ids / logprobs the client asked for."""
+        p = self.prep
+        return bool(text or d.finished or (p.return_token_ids and d.new_token_ids) or (p.want_logprobs and d.logprobs))
+
+    def _chunk_event(self, base: dict, ch: dict) -> str:
+        """One SSE chunk of choice `ch`; with include_usage it carries usage (continuous_usage) or null."""
+        chunk = {**base, "choices": [ch]}
+        if self.prep.include_usage:
+            chunk["usage"] = self.usage() if self.prep.continuous_usage else None
+        return f"data: {_dumps(chunk)}\n\n"
+
+    def _end_events(self, base: dict) -> Iterator[str]:
+        """The closing events: the usage-only chunk (include_usage, all choices finished), then [DONE]."""
+        if self.prep.include_usage and all(self.finished):
+            yield f"data: {_dumps({**base, 'choices': [], 'usage': self.usage()})}\n\n"
+        yield "data: [DONE]\n\n"
+
     async def sse_chat(self) -> AsyncIterator[str]:
         p = self.prep
         base = {"id": p.response_id, "object": "chat.completion.chunk", "created": p.created, "model": p.model}
@@ -651,21 +669,16 @@ class _Run:
                 if d.finish_reason == "error":
                     yield self._error_event(d)
                     break
-                if not (d.new_text or d.finished or (p.return_token_ids and d.new_token_ids)
-                        or (p.want_logprobs and d.logprobs)):
+                if not self._has_news(d.new_text, d):
                     continue
                 delta = {"content": d.new_text} if d.new_text or not d.finished else {}
                 ch = {"index": 0, "delta": delta, "logprobs": self.chat_logprobs(d.logprobs) if d.logprobs else None,
                       "finish_reason": d.finish_reason if d.finished else None}
                 if p.return_token_ids:
                     ch["token_ids"] = list(d.new_token_ids)
-                chunk = {**base, "choices": [ch]}
-                if p.include_usage:
-                    chunk["usage"] = self.usage() if p.continuous_usage else None
-                yield f"data: {_dumps(chunk)}\n\n"
-            if p.include_usage and all(self.finished):
-                yield f"data: {_dumps({**base, 'choices': [], 'usage': self.usage()})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield self._chunk_event(base, ch)
+            for ev in self._end_events(base):
+                yield ev
         finally:
             self.cleanup()
 
@@ -684,8 +697,7 @@ class _Run:
                     started[i] = True
                     if p.echo:
                         text = self._echo_text(i) + text
-                elif not (text or d.finished or (p.return_token_ids and d.new_token_ids)
-                          or (p.want_logprobs and d.logprobs)):
+                elif not self._has_news(text, d):
                     continue
                 ch = {"index": i, "text": text,
                       "logprobs": self.completion_logprobs(i, d.logprobs) if p.want_logprobs else None,
@@ -695,13 +707,9 @@ class _Run:
                         self.prompt_ids_sent.add(i)
                         ch["prompt_token_ids"] = p.subs[i].prompt_ids
                     ch["token_ids"] = list(d.new_token_ids)
-                chunk = {**base, "choices": [ch]}
-                if p.include_usage:
-                    chunk["usage"] = self.usage() if p.continuous_usage else None
-                yield f"data: {_dumps(chunk)}\n\n"
-            if p.include_usage and all(self.finished):
-                yield f"data: {_dumps({**base, 'choices': [], 'usage': self.usage()})}\n\n"
-            yield "data: [DONE]\n\n"
+                yield self._chunk_event(base, ch)
+            for ev in self._end_events(base):
+                yield ev
         finally:
             self.cleanup()
 
