@@ -31,7 +31,7 @@ from tandem.common.outputs import EngineStats, RequestOutput
 from tandem.common.sampling import PRIORITIES, SamplingParams
 from tandem.engine.config import EngineConfig
 from tandem.engine.hostcopy import to_device
-from tandem.engine.kv_cache import KVCacheManager, check_request_fits
+from tandem.engine.kv_cache import KVCacheManager, check_request_fits, import_kv_blocks
 from tandem.engine.request import Request, Status
 from tandem.engine.runner import ModelRunner
 from tandem.engine.sampler import SampleRow, logprob_dicts, logprob_tensor, sample_ids
@@ -404,26 +404,8 @@ class Engine:
             self.kv.free(req)
 
     def _import_kv(self, req: Request, kv: KVExport) -> None:
-        if kv.block_size != self.kv.block_size:
-            raise InvalidParams("KV import with a different block size")
-        n = min(kv.num_tokens, req.num_tokens - 1)         # leave >= 1 token to compute
-        hit = self.kv.match_prefix(req)                      # blocks already held here need no copy
-        hit_blocks = min(hit, n) // self.kv.block_size
-        extra = req.block_table[hit_blocks:]
-        if extra:
-            self.kv.pool.release(list(reversed(extra)))
-            del req.block_table[hit_blocks:]
-        need_blocks = self.kv.blocks_needed(n)
-        if hit_blocks < kv.start_block or need_blocks - hit_blocks > self.kv.pool.num_free:
-            self.kv.free(req)                                # cannot use it: recompute instead
-            return
-        new = self.kv.pool.allocate(need_blocks - hit_blocks)
-        src = slice(hit_blocks - kv.start_block, need_blocks - kv.start_block)
-        self.runner.write_blocks(new, kv.data[:, :, src])
-        req.block_table.extend(new)
-        req.num_computed_tokens = n
-        req.num_cached_tokens = min(n, req.num_prompt_tokens)
-        self.kv.cache_full_blocks(req)
+        import_kv_blocks(self.kv, req, kv.num_tokens, kv.block_size, kv.start_block,
+                         lambda new, src: self.runner.write_blocks(new, kv.data[:, :, src]))
 
     # ------------------------------------------------------------------ introspection
     def stats(self) -> EngineStats:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from tandem.common.errors import ContextTooLong
+from tandem.common.errors import ContextTooLong, InvalidParams
 from tandem.common.hashing import ROOT_HASH, hash_block
 
 
@@ -264,6 +264,34 @@ class KVCacheManager:
         self.pool.release(list(reversed(req.block_table)))
         req.block_table = []
         req.num_cached_blocks = 0
+
+
+def import_kv_blocks(kv: KVCacheManager, req, num_tokens: int, block_size: int, start_block: int,
+                     write=None) -> None:
+    """Take imported KV (`num_tokens` tokens held from block `start_block` on) for `req`: blocks already
+    cached here are reused, the rest allocated and handed to `write(new_blocks, src_slice)` (the real engine
+    copies the data; the simulator has none). When they do not fit, req's blocks are freed and it is
+    prefilled here instead (nothing lost). Shared by `Engine` and `SimEngine` so both adopt alike."""
+    if block_size != kv.block_size:
+        raise InvalidParams("KV import with a different block size")
+    n = min(num_tokens, req.num_tokens - 1)         # leave >= 1 token to compute
+    hit = kv.match_prefix(req)                      # blocks already held here need no copy
+    hit_blocks = min(hit, n) // kv.block_size
+    extra = req.block_table[hit_blocks:]
+    if extra:
+        kv.pool.release(list(reversed(extra)))
+        del req.block_table[hit_blocks:]
+    need_blocks = kv.blocks_needed(n)
+    if hit_blocks < start_block or need_blocks - hit_blocks > kv.pool.num_free:
+        kv.free(req)                                # cannot use it: recompute instead
+        return
+    new = kv.pool.allocate(need_blocks - hit_blocks)
+    if write is not None:
+        write(new, slice(hit_blocks - start_block, need_blocks - start_block))
+    req.block_table.extend(new)
+    req.num_computed_tokens = n
+    req.num_cached_tokens = min(n, req.num_prompt_tokens)
+    kv.cache_full_blocks(req)
 
 
 def check_request_fits(kv: KVCacheManager, n_prompt: int, max_tokens: int, n_out: int, max_model_len: int) -> None:

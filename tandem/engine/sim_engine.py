@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from tandem.common.errors import InvalidParams
 from tandem.common.outputs import EngineStats, RequestOutput
 from tandem.common.sampling import PRIORITIES, SamplingParams
-from tandem.engine.kv_cache import KVCacheManager, check_request_fits
+from tandem.engine.kv_cache import KVCacheManager, check_request_fits, import_kv_blocks
 from tandem.engine.request import Request, Status
 from tandem.engine.scheduler import Scheduler
 
@@ -884,25 +884,8 @@ class SimEngine:
             self.kv.free(req)
 
     def _import_kv(self, req: SimRequest, kv: SimKVExport) -> None:
-        """`Engine._import_kv` without the copy: blocks already cached here are reused, the rest
-        allocated; when they do not fit the request is prefilled here instead (nothing lost)."""
-        if kv.block_size != self.kv.block_size:
-            raise InvalidParams("KV import with a different block size")
-        n = min(kv.num_tokens, req.num_tokens - 1)
-        hit = self.kv.match_prefix(req)
-        hit_blocks = min(hit, n) // self.kv.block_size
-        extra = req.block_table[hit_blocks:]
-        if extra:
-            self.kv.pool.release(list(reversed(extra)))
-            del req.block_table[hit_blocks:]
-        need_blocks = self.kv.blocks_needed(n)
-        if hit_blocks < kv.start_block or need_blocks - hit_blocks > self.kv.pool.num_free:
-            self.kv.free(req)
-            return
-        req.block_table.extend(self.kv.pool.allocate(need_blocks - hit_blocks))
-        req.num_computed_tokens = n
-        req.num_cached_tokens = min(n, req.num_prompt_tokens)
-        self.kv.cache_full_blocks(req)
+        """`Engine._import_kv` without the copy (`import_kv_blocks` with no data to write)."""
+        import_kv_blocks(self.kv, req, kv.num_tokens, kv.block_size, kv.start_block)
 
     # ================================================================== introspection
     def stats(self) -> EngineStats:
