@@ -22,7 +22,7 @@ from tandem.bench import workloads as wl
 from tandem.bench.client import BenchError, ClientConfig, Runner, preflight, probe
 from tandem.bench.loadargs import add_load_arguments
 from tandem.bench.prompts import PromptBuilder, PromptError, load_tokenizer
-from tandem.bench.report import build_report, load_config, print_summary, write_report
+from tandem.bench.report import OutputError, build_report, load_config, print_summary, save_outputs
 from tandem.common.argtypes import positive as _positive
 
 EXIT_OK, EXIT_NO_SUCCESS, EXIT_BAD_INPUT, EXIT_SERVER = 0, 1, 2, 3
@@ -350,16 +350,9 @@ def run(args) -> int:
     }
     report = build_report(config, records, timeline)
     try:
-        write_report(args.out, report)
-    except OSError as e:
-        return fail(EXIT_BAD_INPUT, f"cannot write {args.out}: {e}")
-    plots = []
-    if args.plot:
-        from tandem.bench.plots import write_plots
-        try:
-            plots = write_plots(report, args.plot)
-        except OSError as e:
-            return fail(EXIT_BAD_INPUT, f"cannot write plots to {args.plot}: {e}")
+        plots = save_outputs(report, args.out, args.plot)
+    except OutputError as e:
+        return fail(EXIT_BAD_INPUT, str(e))
     if not args.quiet:
         print_summary(report, out)
         err.print(f"report: {args.out}" + (f"; plots: {', '.join(plots)}" if plots else ""))

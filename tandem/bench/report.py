@@ -129,6 +129,26 @@ def write_report(path: str, report: dict) -> None:
         f.write("\n")
 
 
+class OutputError(OSError):
+    """The report or its plots could not be written; the message names which and where."""
+
+
+def save_outputs(report: dict, out: str, plot_dir: str | None) -> list[str]:
+    """Write the report JSON to `out` and, with `plot_dir`, its plots (returns their paths): the output
+    step of both `tandem bench` and `tandem sim`."""
+    try:
+        write_report(out, report)
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e}") from None
+    if not plot_dir:
+        return []
+    from tandem.bench.plots import write_plots
+    try:
+        return write_plots(report, plot_dir)
+    except OSError as e:
+        raise OutputError(f"cannot write plots to {plot_dir}: {e}") from None
+
+
 def load_report(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -155,7 +155,7 @@ def run(args) -> int:
 
     from tandem.bench import traces as tr
     from tandem.bench import workloads as wl
-    from tandem.bench.report import print_summary, write_report
+    from tandem.bench.report import OutputError, print_summary, save_outputs
     from tandem.sim.profile import ProfileError, SimProfile
     from tandem.sim.run import SimInputError, plan, simulate
     err = Console(stderr=True, highlight=False)
@@ -193,16 +193,9 @@ def run(args) -> int:
         if progress is not None:
             progress.close()
     try:
-        write_report(args.out, report)
-    except OSError as e:
-        return fail(EXIT_BAD_INPUT, f"cannot write {args.out}: {e}")
-    plots = []
-    if args.plot:
-        from tandem.bench.plots import write_plots
-        try:
-            plots = write_plots(report, args.plot)
-        except OSError as e:
-            return fail(EXIT_BAD_INPUT, f"cannot write plots to {args.plot}: {e}")
+        plots = save_outputs(report, args.out, args.plot)
+    except OutputError as e:
+        return fail(EXIT_BAD_INPUT, str(e))
     sim = report["config"]["sim"]
     if not args.quiet:
         print_summary(report, out)
