@@ -142,3 +142,16 @@ def test_compare_reports(tmp_path, capsys):
     assert bench(["--compare", a, tmp_path / "bad.json"]) == EXIT_BAD_INPUT
     assert "not a readable tandem report" in capsys.readouterr().err
     assert bench(["--compare", a]) == EXIT_BAD_INPUT
+
+
+def test_save_outputs_names_what_failed(tmp_path):
+    """The shared output step of bench and sim: an unwritable --out / --plot is an OutputError saying which."""
+    from tandem.bench.report import OutputError, save_outputs
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    with pytest.raises(OutputError, match=r"cannot write .*a_file/r\.json"):
+        save_outputs({"x": 1}, str(blocker / "r.json"), None)
+    assert save_outputs({"x": 1}, str(tmp_path / "r.json"), None) == []
+    assert (tmp_path / "r.json").read_text() == '{"x":1}\n'
+    with pytest.raises(OutputError, match="cannot write plots to"):
+        save_outputs({"x": 1}, str(tmp_path / "r2.json"), str(blocker / "plots"))
