@@ -200,10 +200,9 @@ class Engine:
         if not sched.running:
             return None
         reqs, rows, need, alive = [], [], 0, 0
-        live = self.requests
         max_len, bs = self.max_model_len, self.kv.block_size
         for i, r in enumerate(prev.reqs):
-            if r.status is not Status.RUNNING or live.get(r.request_id) is not r:
+            if not self._alive(r):
                 continue                      # aborted since `prev` was launched
             alive += 1
             p = r.params
