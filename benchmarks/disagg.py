@@ -412,7 +412,10 @@ class Server:
                *a.engine_args.split()]
         self.n_workers = 2
         self.logf = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=child_env(None), stdout=self.logf,
+        env = child_env(None)
+        if getattr(a, "share_gpu", False):
+            env["CUDA_VISIBLE_DEVICES"] = "0,0"   # both workers on GPU 0 (tandem serve gives each "0")
+        self.proc = subprocess.Popen(cmd, cwd=str(ROOT), env=env, stdout=self.logf,
                                      stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float) -> float:

@@ -215,6 +215,10 @@ def main(argv=None) -> int:
     ap.add_argument("--slo-ttft-ms", type=float, default=500)
     ap.add_argument("--slo-tpot-ms", type=float, default=50)
     ap.add_argument("--poll-s", type=float, default=0.2)
+    ap.add_argument("--share-gpu", action="store_true",
+                    help="both workers on GPU 0 (when no 2-GPU machine is lent: flip timings and lost requests are "
+                         "real; goodput is that of two workers time-slicing one GPU; pass --kv-cache-memory-gb in "
+                         "--engine-args)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument("--start-timeout", type=float, default=240.0)
