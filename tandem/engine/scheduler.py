@@ -69,9 +69,21 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def effective_rank(self, req: Request, now: float) -> int:
-        if self.aging_s <= 0:
-            return req.rank
-        return max(0, req.rank - int((now - req.arrival_time) / self.aging_s))
+        r = req.rank
+        if r == 0 or self.aging_s <= 0:          # the top class cannot climb any higher
+            return r
+        return max(0, r - int((now - req.arrival_time) / self.aging_s))
+
+    def order_key(self, now: float):
+        """key(req) = (effective rank at `now`, arrival, admission seq): the order of every step."""
+        aging = self.aging_s
+
+        def key(req):
+            r = req.rank
+            if r and aging > 0:
+                r = max(0, r - int((now - req.arrival_time) / aging))
+            return (r, req.arrival_time, req.seq)
+        return key
 
     def waiting_prefill_tokens(self) -> int:
         return sum(r.remaining_to_compute for r in self.waiting) + \
@@ -80,8 +92,7 @@ class Scheduler:
     # -- the step
     def schedule(self) -> ScheduledBatch:
         now = self.clock()
-        order = sorted(self.running + self.waiting,
-                       key=lambda r: (self.effective_rank(r, now), r.arrival_time, r.seq))
+        order = sorted(self.running + self.waiting, key=self.order_key(now))
         batch = ScheduledBatch()
         scheduled: set[int] = set()
         budget = self.max_num_batched_tokens

@@ -676,6 +676,7 @@ class SimCluster:
         nxt = next(it, None)
         t_arr = nxt.arrival_s + ovh if nxt is not None else inf
         pop = heapq.heappop
+        push = heapq.heappush
         gc_was = gc.isenabled()
         gc.collect()
         gc.freeze()                  # the run allocates millions of long-lived objects and no cycles
@@ -691,8 +692,16 @@ class SimCluster:
                             if obj.gen != gen:
                                 continue
                             obj.t_event = None
-                            obj.engine.on_event(t)
-                            self._resched(obj)
+                            e = obj.engine
+                            e.on_event(t)
+                            tn = e.t_next
+                            if tn is not None and obj.t_event is None:   # self._resched(obj), inlined
+                                obj.gen = gen = obj.gen + 1
+                                obj.t_event = tn
+                                self._seq += 1
+                                push(heap, (tn, self._seq, EV_WORKER, obj, gen))
+                            elif tn is not None or obj.t_event is not None:
+                                self._resched(obj)
                             if obj.state != "active":
                                 self._check_drained(obj)
                         elif kind == EV_XFER:

@@ -234,6 +234,11 @@ class IndexedKvRouter(KvRouter):
             ab = w.local_active
         return (full, wt.overlap_weight * pf + wt.decode_weight * ab, w.last_pick, w.worker_id)
 
+    def _entry(self, w: _IdxView) -> tuple:
+        """A heap entry: `_key(w)` flattened, then (version, w). Flat, so the heap compares one
+        tuple instead of a nested one (worker ids are unique: version and w are never compared)."""
+        return self._key(w) + (w.version, w)
+
     def _touch(self, w: _IdxView) -> None:
         """w's key may have changed. Its heap entry is pushed lazily, at the next `select`: a worker
         touched several times between two decisions (assign, first token, finish, load report) gets
@@ -249,7 +254,7 @@ class IndexedKvRouter(KvRouter):
         for w in self._dirty.values():
             if not w.alive:
                 continue
-            entry = (self._key(w), w.version, w)
+            entry = self._entry(w)
             for p in _POOLS_OF.get(w.role, ()):
                 h = heaps.get(p)
                 if h is not None:
@@ -268,7 +273,7 @@ class IndexedKvRouter(KvRouter):
         self._live = 0
         for w in self.workers.values():
             if w.alive:
-                entry = (self._key(w), w.version, w)
+                entry = self._entry(w)
                 for p in _POOLS_OF.get(w.role, ()):
                     if p in self._heaps:
                         self._heaps[p].append(entry)
@@ -277,8 +282,8 @@ class IndexedKvRouter(KvRouter):
             heapq.heapify(h)
 
     def _valid(self, entry, roles) -> bool:
-        _, ver, w = entry
-        return ver == w.version and w.alive and w.role in roles and self.workers.get(w.worker_id) is w
+        w = entry[5]
+        return entry[4] == w.version and w.alive and w.role in roles and self.workers.get(w.worker_id) is w
 
     # ------------------------------------------------------------------ selection
     def select(self, hashes: Sequence[int], prompt_len: int, pool: str = "both",
@@ -297,14 +302,17 @@ class IndexedKvRouter(KvRouter):
         # the best worker without counting overlap: the first valid, non-excluded heap entry
         skipped = []
         top = None
+        workers = self.workers
+        pop = heapq.heappop
         while heap:
             e = heap[0]
-            if not self._valid(e, roles):
-                heapq.heappop(heap)
+            w = e[5]                                  # self._valid(e, roles), inlined
+            if not (e[4] == w.version and w.alive and w.role in roles and workers.get(e[3]) is w):
+                pop(heap)
                 self._live -= 1
                 continue
-            if e[2].worker_id in ex:
-                skipped.append(heapq.heappop(heap))
+            if e[3] in ex:
+                skipped.append(pop(heap))
                 continue
             top = e
             break
@@ -315,11 +323,10 @@ class IndexedKvRouter(KvRouter):
         wt = self.config.weights
         full = self.config.full_kv_usage
         now = _now()
-        best_w = top[2]
+        best_w = top[5]
         best_ov = 0
         pblocks_of = {}
-        tk = top[0]
-        best = (tk[0], tk[1], tk[2], tk[3])
+        best = top[:4]
         max_ov = 0
         if hashes and self._indexing:
             holders = self._index.get(hashes[0])

@@ -68,10 +68,28 @@ class ReplicatedRequests:
         return r
 
     def __iter__(self):
+        """As `_make(idx, order[idx])` for every idx, with the arrival times and copy numbers read
+        in chunks (a numpy scalar read per request cost ~0.5 us)."""
         dicts = [dict(r.__dict__) for r in self.base]
-        make = self._make
-        for idx, k in enumerate(self._order.tolist()):
-            yield make(idx, k, dicts)
+        cls = [type(r) for r in self.base]
+        n = len(self.base)
+        nss = self._nss
+        new = object.__new__
+        order, t = self._order, self._t
+        C = 65536
+        idx = 0
+        for lo in range(0, len(order), C):
+            ks = order[lo:lo + C]
+            for k, tk in zip(ks.tolist(), t[ks].tolist()):
+                c, i = divmod(k, n)
+                r = new(cls[i])
+                d = r.__dict__
+                d.update(dicts[i])
+                d["arrival_s"] = tk
+                d["namespace"] += c * nss
+                d["idx"] = idx
+                idx += 1
+                yield r
 
     def __getitem__(self, idx: int):
         idx = range(len(self))[idx]
