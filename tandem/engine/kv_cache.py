@@ -227,6 +227,9 @@ class KVCacheManager:
     def match_prefix(self, req) -> int:
         """On first scheduling: take cached blocks for the longest cached prefix; returns tokens hit.
         At least one token is always left to compute (it yields the next-token logits)."""
+        if not self.pool.enable_prefix_caching:    # nothing is ever cached: no hashes to compute
+            req.block_table = []
+            return 0
         max_blocks = (len(req.all_token_ids) - 1) // self.block_size
         hits = self.pool.lookup(self.prefix_hashes(req, max_blocks * self.block_size))
         self.pool.touch(hits)
@@ -261,7 +264,7 @@ class KVCacheManager:
         req.num_cached_blocks = n_full
 
     def free(self, req) -> None:
-        self.pool.release(list(reversed(req.block_table)))
+        self.pool.release(req.block_table[::-1])
         req.block_table = []
         req.num_cached_blocks = 0
 

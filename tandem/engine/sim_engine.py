@@ -128,6 +128,7 @@ class SimRequest(Request):
         self.w_m = 0                                  # window step its state is brought up to
         self.w_phase = 0                              # allocation phase (steps = phase mod block size)
         self.w_end = 0                                # window step at which it finishes
+        self.w_a = 0                                  # window step its block table is brought up to
 
     @classmethod
     def synthetic(cls, request_id: str, prompt: "_SyntheticPrompt", params, priority: str,
@@ -217,7 +218,7 @@ class _Window:
     (`SimEngine._rebase`) so that `ends` holds only the steps still needed, not one float per step
     since the window began (~GBs over a 30-minute 1,000-worker run)."""
     __slots__ = ("t0", "k", "ends", "planned", "fin", "buckets", "active", "b", "base", "cnt", "cmax",
-                 "chunk", "alloc_done", "gen", "rebase_at")
+                 "chunk", "alloc_done", "gen", "rebase_at", "ids")
 
     def __init__(self, t0: float, block_size: int):
         self.t0 = t0
@@ -233,6 +234,7 @@ class _Window:
         self.cmax: dict = {}            # priority rank -> member with the latest (arrival, seq)
         self.chunk = 8
         self.alloc_done = 0
+        self.ids: list | None = None    # lazy block tables: blocks allocated to members, not handed out yet
         self.gen = 0
         self.rebase_at = _REBASE_STEPS
 
@@ -268,6 +270,10 @@ class SimEngine:
         self._ovh_per_step = cfg.new_overhead_per == "prefill_step"
         self._ff = cfg.fast_forward
         self._ff_limit = min(cfg.max_num_seqs, cfg.max_num_batched_tokens)
+        # Without prefix caching a block id is never read back (no hashes, no sharing): a decode
+        # window then hands its members their blocks when they leave it (`_owe`), not every
+        # block_size steps, from the blocks it allocated for them at the same steps as before.
+        self._lazy_blocks = not cfg.enable_prefix_caching
         self.busy_s = 0.0                      # virtual seconds spent in steps
         self.num_windows = 0
         self.window_steps = 0
@@ -366,6 +372,8 @@ class SimEngine:
             if self.state == WINDOW:
                 self.sync(self.now)
             self._materialize(req, w.k, w.ends)
+            if w.ids is not None:
+                self._owe(w, req)
             fl = w.fin.get(req.w_end)
             if fl is not None and req in fl:
                 fl.remove(req)
@@ -661,6 +669,8 @@ class SimEngine:
             return
         if w is None:
             w = self._win = _Window(now, self.block_size)
+            if self._lazy_blocks:
+                w.ids = []
             self.num_windows += 1
         if len(moved) == len(running):
             running.clear()
@@ -673,7 +683,7 @@ class SimEngine:
         cnt, buckets, fin, cmax = w.cnt, w.buckets, w.fin, w.cmax
         for r in moved:
             nc = r.num_computed_tokens
-            r.w_j0 = r.w_m = k
+            r.w_j0 = r.w_m = r.w_a = k
             r.w_nc0 = nc
             ph = (k + 1 - nc) % bs
             r.w_phase = ph
@@ -728,9 +738,14 @@ class SimEngine:
             return
         k = w.k
         running = self.scheduler.running
+        lazy = w.ids is not None
         for r in w.active:
             self._materialize(r, k, w.ends)
+            if lazy:
+                self._owe(w, r)
             running.append(r)
+        if lazy and w.ids:
+            raise AssertionError(f"decode window left {len(w.ids)} KV blocks unassigned")
 
     def _mixed_begin(self, w: "_Window", now: float) -> bool:
         """A step of D plus whatever the scheduler picks from V (module docstring)."""
@@ -825,6 +840,7 @@ class SimEngine:
         for r in w.active:
             r.w_j0 -= S
             r.w_m -= S
+            r.w_a -= S
             r.w_end -= S
         w.fin = {j - S: v for j, v in w.fin.items()}
         w.base += S * w.b
@@ -846,8 +862,27 @@ class SimEngine:
                 r.token_times.extend(ends[r.w_m:j])
             r.w_m = j
 
+    def _owe(self, w: "_Window", r: SimRequest) -> None:
+        """Lazy block tables: hand r the blocks the window allocated for it at steps w_a+1 ..
+        alloc_done (one at each step of its allocation phase)."""
+        a, b = r.w_a, w.alloc_done
+        if b > a:
+            bs, ph = self.block_size, r.w_phase
+            n = (b - ph) // bs - (a - ph) // bs
+            if n:
+                ids = w.ids
+                r.block_table += ids[-n:]
+                del ids[-n:]
+            r.w_a = b
+
     def _d_alloc(self, w: "_Window", j: int) -> None:
         if w.alloc_done >= j:
+            return
+        if w.ids is not None:
+            n = w.cnt[j % self.block_size]
+            if n:
+                w.ids += self.kv.pool.allocate(n)
+            w.alloc_done = j
             return
         bk = w.buckets[j % self.block_size]
         if bk:
@@ -876,8 +911,11 @@ class SimEngine:
             fl.sort(key=self.scheduler.order_key(t_s))
         ends = w.ends
         self.now = t_j
+        lazy = w.ids is not None
         for r in fl:
             self._materialize(r, j, ends)
+            if lazy:
+                self._owe(w, r)
             self._leave(w, r)
             r.finish_reason = "length"
             self._finish(r, t_j)
@@ -892,7 +930,17 @@ class SimEngine:
         bs = self.block_size
         buckets = w.buckets
         first = max(j, w.alloc_done) + 1
-        if first <= upto:
+        if first <= upto and w.ids is not None:
+            cnt = w.cnt                            # blocks of steps first..upto: b per full cycle
+            L = upto - first + 1
+            q = L // bs
+            need = q * w.b
+            for jj in range(first + q * bs, upto + 1):
+                need += cnt[jj % bs]
+            if need:
+                w.ids += self.kv.pool.allocate(need)
+            w.alloc_done = upto
+        elif first <= upto:
             rs = []
             for jj in range(first, upto + 1):
                 bk = buckets[jj % bs]

@@ -289,17 +289,18 @@ class SimCluster:
             p = self._params[osl] = SamplingParams(max_tokens=osl, ignore_eos=True)
         return p
 
-    def _hashes(self, br) -> list[int]:
+    def _hashes(self, br):
         """Chained block hashes of the request's whole sequence (prompt + output), synthetic.
 
         Blocks fully inside the part of the prompt built from the trace's `hash_ids` (as the bench's
         prompt builder does) hash (chain of trace blocks so far, position): equal prefixes give equal
-        hashes. Every other block is unique to the request."""
+        hashes. Every other block is unique to the request. A request without `hash_ids` gets a
+        `range` (the same values; O(1), where a list made ~20 big ints a request, mostly unread)."""
         bs = self.block_size
         n = (br.isl + br.osl) // bs
         base = _UNIQUE + (br.idx << 24)
         if not br.hash_ids:
-            return list(range(base, base + n))
+            return range(base, base + n)
         B = br.block_size
         ns = br.namespace
         chain = []

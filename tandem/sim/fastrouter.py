@@ -31,6 +31,7 @@ import math
 from collections import OrderedDict
 from typing import Iterable, Sequence
 
+import tandem.router.kv_router as _kr
 from tandem.router.kv_router import KvRouter, NoWorkers, RouterConfig, WorkerView, _Active, pool_roles
 
 _POOLS_OF = {"both": ("both", "prefill", "decode"), "prefill": ("prefill",), "decode": ("decode",)}
@@ -322,7 +323,6 @@ class IndexedKvRouter(KvRouter):
             raise NoWorkers(f"no live worker serves pool {pool!r}")
         wt = self.config.weights
         full = self.config.full_kv_usage
-        now = _now()
         best_w = top[5]
         best_ov = 0
         pblocks_of = {}
@@ -331,6 +331,7 @@ class IndexedKvRouter(KvRouter):
         if hashes and self._indexing:
             holders = self._index.get(hashes[0])
             if holders:
+                now = _now()
                 for wid in sorted(holders):
                     w = self.workers.get(wid)
                     if w is None or not w.alive or w.role not in roles or wid in ex:
@@ -354,5 +355,4 @@ class IndexedKvRouter(KvRouter):
 
 
 def _now() -> float:
-    import tandem.router.kv_router as kr
-    return kr.time.monotonic()
+    return _kr.time.monotonic()          # the module's clock (virtual time inside a simulation)

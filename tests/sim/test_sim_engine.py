@@ -133,6 +133,10 @@ def test_preemption_and_no_leaks(profile_dict):
     (2, ("--gpus", "2", "--prefix-caching", "on")),             # shared prefixes, KV events
     (3, ("--prefill", "1", "--decode", "2", "--kv-blocks", "400")),
     (4, ("--gpus", "1", "--max-num-seqs", "6", "--aging-s", "0.5")),  # seats full, aging
+    # prefix caching off: decode windows hand out block tables lazily (SimEngine._owe)
+    (0, ("--gpus", "1", "--prefix-caching", "off")),
+    (1, ("--gpus", "2", "--kv-blocks", "300", "--prefix-caching", "off")),
+    (3, ("--prefill", "1", "--decode", "2", "--kv-blocks", "400", "--prefix-caching", "off")),
 ])
 def test_fast_forward_equals_per_step(profile_dict, seed, flags):
     """Decode windows (fast-forward) reproduce the per-step engine exactly."""
@@ -151,6 +155,7 @@ def test_fast_forward_equals_per_step(profile_dict, seed, flags):
         assert a["timeline"] == b["timeline"]
         assert a["config"]["sim"]["preemptions"] == b["config"]["sim"]["preemptions"]
         assert ca.router.decisions == cb.router.decisions
+        assert a["config"]["sim"]["kv_leaks"] == {} and b["config"]["sim"]["kv_leaks"] == {}
 
 
 def test_serving_overheads_add_to_each_step(profile_dict):
