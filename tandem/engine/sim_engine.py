@@ -226,7 +226,7 @@ class _Window:
         self.planned = 0                # steps whose end time is known
         self.ends: list[float] = []
         self.fin: dict[int, list] = {}  # step -> members finishing at it
-        self.buckets = [dict() for _ in range(block_size)]   # allocation phase -> members
+        self.buckets: list | None = None    # allocation phase -> members (eager block tables only)
         self.active: dict = {}          # members (insertion ordered)
         self.b = 0                      # members
         self.base = 0                   # sum of (computed at join - join step)
@@ -671,6 +671,8 @@ class SimEngine:
             w = self._win = _Window(now, self.block_size)
             if self._lazy_blocks:
                 w.ids = []
+            else:
+                w.buckets = [dict() for _ in range(self.block_size)]
             self.num_windows += 1
         if len(moved) == len(running):
             running.clear()
@@ -687,7 +689,8 @@ class SimEngine:
             r.w_nc0 = nc
             ph = (k + 1 - nc) % bs
             r.w_phase = ph
-            buckets[ph][r] = None
+            if buckets is not None:
+                buckets[ph][r] = None
             cnt[ph] += 1
             w.base += nc - k
             steps = min(r.params.max_tokens - len(r.output_token_ids), mt - nc - 1)
@@ -715,7 +718,8 @@ class SimEngine:
 
     def _leave(self, w: "_Window", r) -> None:
         """Bookkeeping of a request leaving D (finish or abort)."""
-        del w.buckets[r.w_phase][r]
+        if w.buckets is not None:
+            del w.buckets[r.w_phase][r]
         del w.active[r]
         w.cnt[r.w_phase] -= 1
         w.base -= r.w_nc0 - r.w_j0
@@ -799,12 +803,16 @@ class SimEngine:
         xs, ys, sl, last = row.xs, row.ys, row.slopes, row.n - 2
         lo = hi = 0.0
         y0 = s0 = x0 = 0.0
+        # a member needs at most chunk // bs + 1 blocks in `chunk` steps: when that many fit for
+        # every member, no step can run short and the per-step check is skipped
+        check = free < (w.chunk // bs + 1) * b
         while j < limit:
             jn = j + 1
-            need = cnt[jn % bs]
-            if need > free:
-                break
-            free -= need
+            if check:
+                need = cnt[jn % bs]
+                if need > free:
+                    break
+                free -= need
             x = (base + jn * b) / b
             if not lo <= x < hi:
                 i = bisect.bisect_right(xs, x) - 1
