@@ -67,6 +67,7 @@ class ClusterConfig:
     local_prefill_tokens: int = 0             # disagg: prompts with <= this many uncached tokens prefill on the decode worker
     request_overhead_s: float = 0.0           # frontend/network time before the router sees a request
     max_concurrency: int | None = None        # client-side cap on requests in flight (tandem bench's)
+    stall_timeout_s: float = 600.0            # after the last arrival, give up on requests no worker can take
     token_times: str = "all"                  # all | none | every:K (keep per-token times of every K-th request)
     router_impl: str = "indexed"              # indexed (tandem.sim.fastrouter) | base (KvRouter as is)
     keep_records: bool = True                 # False: finished requests go to `columns` (bounded memory)
@@ -209,6 +210,7 @@ class SimCluster:
         self.reqs: list[SimReq] = []
         self.columns = None if config.keep_records else RecordColumns()
         self.pending: deque = deque()            # requests waiting for a prefill/both worker
+        self._t_last_arrival = 0.0
         self.client_queue: deque = deque()       # requests waiting for a client concurrency slot
         self.pending_decode: deque = deque()     # prefilled requests waiting for a decode worker
         self.sent = self.completed = self.failed = 0
@@ -353,7 +355,15 @@ class SimCluster:
         try:
             wid, ov = self.router.select(phashes, br.isl, pool)
         except NoWorkers:
-            self.pending.append(sr)         # retried when a worker of the pool becomes active
+            # as the frontend does: with no prefill worker (e.g. 0P2D, or the only one is flipping)
+            # a decode worker serves the whole request; with no decode worker a prefill worker does
+            for alt in ("decode", "prefill"):
+                try:
+                    wid, ov = self.router.select(phashes, br.isl, alt)
+                except NoWorkers:
+                    continue
+                return self._start_on(sr, self.by_name[wid], phashes, ov, full=True)
+            self.pending.append(sr)         # retried when a worker becomes active
             return
         w = self.by_name[wid]
         self._start_on(sr, w, phashes, ov, full=(w.role != "prefill"))
@@ -726,7 +736,7 @@ class SimCluster:
                         elif kind == EV_CALL:
                             obj[0](*obj[1])
                     elif ai < n:
-                        self.now = t_arr
+                        self.now = self._t_last_arrival = t_arr
                         self._arrive(nxt, t_arr)
                         ai += 1
                         nxt = next(it, None)
@@ -746,8 +756,14 @@ class SimCluster:
         self._sample()
 
     def _finished(self, ai: int, n: int) -> bool:
-        if ai < n or self.client_queue or self.completed + self.failed < self.sent:
+        if ai < n or self.client_queue:
             return False
+        if self.completed + self.failed < self.sent:
+            # only requests no worker can take are left, and no worker is on its way: stop the
+            # periodic events so the run ends (they are failed as no_worker) instead of ticking forever
+            return bool(self.pending or self.pending_decode) and self.now - self._t_last_arrival > self.cfg.stall_timeout_s and \
+                not any(w.state in ("flipping", "starting") for w in self.workers) and \
+                len(self.pending) + len(self.pending_decode) >= self.sent - self.completed - self.failed
         return True
 
     # ------------------------------------------------------------------ results

@@ -143,6 +143,36 @@ def test_flip_of_a_busy_decode_worker_migrates_its_decodes(profile_dict):
     assert all(r.output_tokens == 400 and len(r.token_times_s) == 400 for r in recs)
 
 
+def test_no_prefill_worker_decode_workers_serve_whole_requests(profile_dict):
+    """1P1D -> 0P2D (the server's min_prefill 0): with no prefill worker, the decode workers take whole
+    requests, as the frontend does (`no_prefill_worker`); nothing waits for a prefill pool forever."""
+    pytest.importorskip("tandem.planner.types")
+    specs = reqs([(t * 0.25, 300, 20) for t in range(40)])
+    c = _cluster(profile_dict, specs, ["prefill", "decode"], planner=_FlipAt("w0", "decode"))
+    c.run()
+    assert [w.role for w in c.workers] == ["decode", "decode"]
+    assert c.completed == 40 and c.failed == 0 and c.leaks() == {}
+    assert sum(w.engine._stats.prompt_tokens_computed for w in c.workers) >= 30 * 300   # prefilled there
+
+
+def test_requests_no_worker_can_take_fail_instead_of_ticking_forever(profile_dict):
+    """Only a worker being stopped: requests queue for a worker that never comes. The run must end
+    (they fail as no_worker) rather than tick the planner forever."""
+    pytest.importorskip("tandem.planner.types")
+
+    class StopAll:
+        def tick(self, now, view):
+            from tandem.planner.types import Decision
+            return [Decision(time=now, action="stop", worker_id=w.worker_id, reason="test")
+                    for w in view.workers if w.state == "active"]
+
+    specs = reqs([(0.0, 100, 5), (5.0, 100, 5)])
+    c = _cluster(profile_dict, specs, ["both"], planner=StopAll(), stall_timeout_s=30.0)
+    c.run()
+    assert c.completed == 1 and c.failed == 1
+    assert c.now < 5.0 + 30.0 + 5.0
+
+
 def test_start_and_stop_workers(profile_dict):
     pytest.importorskip("tandem.planner.types")
 
