@@ -7,7 +7,8 @@ data and rules and adds:
 
 * running sums for `prefill_blocks` / `active_blocks` (updated in on_assign / on_first_token /
   on_tokens / on_finish / update_load, read through the same properties);
-* per pool a lazy heap of (full?, cost without the request's own terms, last_pick, worker_id):
+* per pool a lazy heap of (full?, cost without the request's own terms, last_pick, worker_id),
+  each entry packed into one int (`_entry`: the heap then compares ints, not tuples):
   for a request of P prompt blocks, cost(w) = overlap_weight * P + [overlap_weight * prefill_blocks(w)
   + decode_weight * active_blocks(w)] - overlap_weight * overlap(w), so the best worker is either the
   heap top or a worker holding the prompt's first block. Those come from an index of block hash ->
@@ -97,6 +98,7 @@ class _IdxView(WorkerView):
         self.local_prefill = 0          # sum of new_blocks of requests not yet prefilled
         self.local_active = 0           # sum of prompt_blocks + output_tokens // block_size
         self.version = 0
+        self.rank = 0                   # place in worker-id order (IndexedKvRouter._rank)
 
     @property
     def prefill_blocks(self) -> int:
@@ -117,9 +119,12 @@ class IndexedKvRouter(KvRouter):
         self._heaps: dict[str, list] = {}  # only the pools asked for so far
         self._dirty: dict = {}             # id -> worker touched since the last select (insertion ordered)
         self._live = 0
+        self._by_rank: list = []            # workers in worker-id order (the heap entries' tie-break)
+        self._ranked = False                # False: membership changed since the ranks were given
         wt = self.config.weights
         self._fast = (self.config.mode == "kv" and wt.temperature <= 0 and 0 <= wt.tie_tolerance < 1
-                      and float(wt.overlap_weight).is_integer() and float(wt.decode_weight).is_integer())
+                      and float(wt.overlap_weight).is_integer() and float(wt.decode_weight).is_integer()
+                      and wt.overlap_weight >= 0 and wt.decode_weight >= 0)
         # Without the index every prompt block is unique to its request, and the fast path never
         # reads the `cached` dicts: keeping them (one LRU entry per prompt block and worker) is pure cost.
         self._track_cache = index or not self._fast
@@ -132,6 +137,7 @@ class IndexedKvRouter(KvRouter):
             if self._indexing:
                 w.cached = _IndexedCache(self._index, worker_id, self._unique_from)
             self.workers[worker_id] = w
+            self._ranked = False
         w = super().add_worker(worker_id, role, block_size, num_kv_blocks, max_num_seqs)
         self._touch(w)
         return w
@@ -141,6 +147,7 @@ class IndexedKvRouter(KvRouter):
         if w is not None:
             w.cached.clear()
             w.version += 1
+            self._ranked = False
         super().remove_worker(worker_id)
 
     def set_role(self, worker_id: str, role: str) -> None:
@@ -235,10 +242,26 @@ class IndexedKvRouter(KvRouter):
             ab = w.local_active
         return (full, wt.overlap_weight * pf + wt.decode_weight * ab, w.last_pick, w.worker_id)
 
-    def _entry(self, w: _IdxView) -> tuple:
-        """A heap entry: `_key(w)` flattened, then (version, w). Flat, so the heap compares one
-        tuple instead of a nested one (worker ids are unique: version and w are never compared)."""
-        return self._key(w) + (w.version, w)
+    def _entry(self, w: _IdxView) -> int:
+        """A heap entry: `_key(w)` + (version,) packed into one int, fields from the most significant:
+        full (1 bit), cost (64 bits; an integer >= 0 on the fast path), last_pick (48), the worker's
+        rank in worker-id order (24; ids are unique, so ranks order as the ids do), version (48).
+        Ints compare in one call where the tuples took one per field."""
+        full, cost, last_pick, _ = self._key(w)
+        return ((((int(full) << _CB | int(cost)) << _PB | last_pick) << _RB | w.rank) << _VB) | w.version
+
+    @staticmethod
+    def _unpack(e: int, w: _IdxView) -> tuple:
+        """`_key(w)` of w's heap entry e."""
+        e >>= _VB + _RB
+        return (bool(e >> (_PB + _CB)), (e >> _PB) & _CM, e & _PM, w.worker_id)
+
+    def _rank(self) -> None:
+        """Ranks in worker-id order, after a membership change (every heap entry is rebuilt)."""
+        self._by_rank = [self.workers[wid] for wid in sorted(self.workers)]
+        for i, w in enumerate(self._by_rank):
+            w.rank = i
+        self._ranked = True
 
     def _touch(self, w: _IdxView) -> None:
         """w's key may have changed. Its heap entry is pushed lazily, at the next `select`: a worker
@@ -266,6 +289,8 @@ class IndexedKvRouter(KvRouter):
             self._rebuild()
 
     def _rebuild(self, add_pool: str | None = None) -> None:
+        if not self._ranked:
+            self._rank()
         pools = set(self._heaps)
         if add_pool is not None:
             pools.add(add_pool)
@@ -283,8 +308,8 @@ class IndexedKvRouter(KvRouter):
             heapq.heapify(h)
 
     def _valid(self, entry, roles) -> bool:
-        w = entry[5]
-        return entry[4] == w.version and w.alive and w.role in roles and self.workers.get(w.worker_id) is w
+        w = self._by_rank[(entry >> _VB) & _RM]
+        return entry & _VM == w.version and w.alive and w.role in roles and self.workers.get(w.worker_id) is w
 
     # ------------------------------------------------------------------ selection
     def select(self, hashes: Sequence[int], prompt_len: int, pool: str = "both",
@@ -294,7 +319,7 @@ class IndexedKvRouter(KvRouter):
         roles = pool_roles(pool)
         ex = set(exclude) if exclude else ()
         heap = self._heaps.get(pool)
-        if heap is None:
+        if heap is None or not self._ranked:        # a new pool, or worker ranks to give again
             self._rebuild(pool)
             heap = self._heaps[pool]
         elif self._dirty:
@@ -303,16 +328,16 @@ class IndexedKvRouter(KvRouter):
         # the best worker without counting overlap: the first valid, non-excluded heap entry
         skipped = []
         top = None
-        workers = self.workers
+        by_rank = self._by_rank
         pop = heapq.heappop
         while heap:
             e = heap[0]
-            w = e[5]                                  # self._valid(e, roles), inlined
-            if not (e[4] == w.version and w.alive and w.role in roles and workers.get(e[3]) is w):
+            w = by_rank[(e >> _VB) & _RM]             # self._valid(e, roles), inlined (ranks are
+            if not (e & _VM == w.version and w.alive and w.role in roles):   # current: members only)
                 pop(heap)
                 self._live -= 1
                 continue
-            if e[3] in ex:
+            if w.worker_id in ex:
                 skipped.append(pop(heap))
                 continue
             top = e
@@ -323,15 +348,16 @@ class IndexedKvRouter(KvRouter):
             raise NoWorkers(f"no live worker serves pool {pool!r}")
         wt = self.config.weights
         full = self.config.full_kv_usage
-        best_w = top[5]
+        best_w = w
         best_ov = 0
         pblocks_of = {}
-        best = top[:4]
+        best = None
         max_ov = 0
         if hashes and self._indexing:
             holders = self._index.get(hashes[0])
             if holders:
                 now = _now()
+                best = self._unpack(top, best_w)
                 for wid in sorted(holders):
                     w = self.workers.get(wid)
                     if w is None or not w.alive or w.role not in roles or wid in ex:
@@ -352,6 +378,10 @@ class IndexedKvRouter(KvRouter):
         wid, ov = self._chose(best_w, best_ov, kind)
         self._touch(best_w)
         return wid, ov
+
+
+_VB, _RB, _PB, _CB = 48, 24, 48, 64      # bit widths in a heap entry: version, rank, last_pick, cost
+_VM, _RM, _PM, _CM = (1 << _VB) - 1, (1 << _RB) - 1, (1 << _PB) - 1, (1 << _CB) - 1
 
 
 def _now() -> float:
