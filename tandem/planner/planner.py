@@ -185,6 +185,12 @@ class Planner:
         # grow (growing toward a finished burst is the chase the hold exists to prevent)
         need_p, need_d = max(need_p, min(held[0], P)), max(need_d, min(held[1], D))
         load_p, load_d = max(load_p, min(held[2], float(P))), max(load_d, min(held[3], float(D)))
+        if need_p + need_d > G:
+            # the hold only uses room the budget has: when the held needs do not fit, the pools
+            # compete for workers on what they need now (a pool short now is not a chase; holding
+            # here cost ~5 s per chat <-> summarization swing on the GPU, the old phase's pool
+            # keeping its worker while the new phase's pool queued)
+            need_p, need_d, load_p, load_d = now_need
         # donor memory: what each pool carried recently, decaying with donor_memory_s; a pool is
         # not emptied between two bursts of a periodic load
         m["memory_load_p"], m["memory_load_d"] = self._memory(now, now_need[2], now_need[3])
@@ -617,10 +623,13 @@ class Planner:
                 move, why = delta, f"idle for {now - (self._idle_since or now):.0f}s: " \
                                    f"moving to idle split {cfg.idle_split}"
         elif regime == "ok":
-            # the donor keeps its need, (1 + h) x its planned load, and stays under the high
-            # watermark (a rescue must not create the next bottleneck)
-            keep_d = self._keep(need_d, y, m["memory_load_d"])
-            keep_p = self._keep(need_p, x, m["memory_load_p"])
+            # the donor keeps what it needs now, (1 + h) x its load now, and stays under the high
+            # watermark (a rescue must not create the next bottleneck). Not its held peak or its
+            # decaying memory: those guard against chasing bursts, and a receiver short of its
+            # predicted need now is not a chase (holding them cost ~5 s per chat <-> summarization
+            # swing on the GPU: the pool that had just served the old phase kept its worker)
+            keep_d = self._keep(m["need_now_d"], m["load_now_d"], m["load_now_d"])
+            keep_p = self._keep(m["need_now_p"], m["load_now_p"], m["load_now_p"])
             if delta > 0 and P < need_p:
                 move = max(0, min(delta, need_p - P, D - keep_d))
                 why = f"rescue prefill: {P} < need {need_p}"
