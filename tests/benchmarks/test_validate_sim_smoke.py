@@ -23,7 +23,7 @@ def _free_port() -> int:
 @pytest.mark.skipif(not TRACE.exists(), reason="Azure conv trace not present")
 def test_validate_sim_smoke(tmp_path, llama_dir):
     env = dict(os.environ, SKIP_WHEELS="1", OUT=str(tmp_path), DEVICE="cpu", MODEL=llama_dir, PRESET="tiny",
-               N="12", SCALE="0.5", MAX_ISL="200", MAX_OSL="8", N_WARMUP="4", SLICES="A:0 B:600",
+               N="12", SCALE="0.5", MAX_ISL="200", MAX_OSL="24", N_WARMUP="4", SLICES="A:0 B:600",
                TRACE=str(TRACE), PORT=str(_free_port()), PROFILE="profiles/h100_llama-3.2-1b.json")
     r = subprocess.run(["bash", "benchmarks/validate_sim.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                        timeout=240)
