@@ -189,6 +189,7 @@ class EngineClient:
         self.router = router or KvRouter()
         self.runtime = runtime
         self.heartbeat_timeout = heartbeat_timeout
+        self._last_check: float | None = None
         self.max_retries = max_retries
         self.on_change = on_change
         self.workers: dict[str, WorkerInfo] = {}
@@ -550,6 +551,13 @@ class EngineClient:
 
     def _check_workers(self) -> None:
         now = time.monotonic()
+        stalled = now - self._last_check - 0.1 if self._last_check is not None else 0.0
+        self._last_check = now
+        if stalled > 0.5:
+            # this process did not run (starved CPU, a long GC, a blocking call): the workers' status
+            # messages of that time are still queued, unread. Their silence is ours, not theirs.
+            for w in self.workers.values():
+                w.last_seen += stalled
         exited = {}
         if self.runtime is not None:
             try:

@@ -192,6 +192,30 @@ def test_heartbeat_timeout_and_no_workers(env):
     assert client.workers["a"].state == "dead"
 
 
+def test_a_stalled_frontend_does_not_declare_live_workers_dead(env):
+    """The frontend's loop blocked for 3x the heartbeat timeout (a starved CPU, a long GC): the worker
+    kept sending status, unread in the socket. That silence is the frontend's, not the worker's."""
+    client, rt, add = env
+
+    async def go():
+        await client.start()
+        add("a", "ok")
+        assert await client.wait_ready(1, 5)
+        await asyncio.sleep(0.3)
+        time.sleep(3 * client.heartbeat_timeout)         # blocks the event loop, as a stall would
+        client._check_workers()                          # the monitor may run before the reader drains
+        alive = client.workers["a"].alive
+        await asyncio.sleep(0.3)
+        h = client.submit("r", [1, 2], {"max_tokens": 3}, "interactive")
+        ds = [d async for d in h]
+        h.close()
+        await client.stop()
+        return alive, ds
+
+    alive, ds = _run(go())
+    assert alive and ds[-1].finish_reason == "length"
+
+
 def test_close_aborts_unfinished(env):
     client, rt, add = env
 
