@@ -232,10 +232,9 @@ class Engine:
         sched = self.scheduler
         if len(reqs) < sched.max_num_seqs:
             return False
-        now = sched.clock()
-        rank = sched.effective_rank
-        last = max((rank(r, now), r.arrival_time, r.seq) for r in reqs)
-        return all((rank(w, now), w.arrival_time, w.seq) > last for w in sched.waiting)
+        key = sched.order_key(sched.clock())
+        last = max(key(r) for r in reqs)
+        return all(key(w) > last for w in sched.waiting)
 
     def _launch_ahead(self, prev: StepInFlight, reqs: list[Request], rows: list[int]) -> StepInFlight:
         for r in reqs:

@@ -68,14 +68,9 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def effective_rank(self, req: Request, now: float) -> int:
-        r = req.rank
-        if r == 0 or self.aging_s <= 0:          # the top class cannot climb any higher
-            return r
-        return max(0, r - int((now - req.arrival_time) / self.aging_s))
-
     def order_key(self, now: float):
-        """key(req) = (effective rank at `now`, arrival, admission seq): the order of every step."""
+        """key(req) = (effective rank at `now`, arrival, admission seq): the order of every step. The
+        effective rank is the class rank less one per `aging_s` waited (the top class, 0, stays)."""
         aging = self.aging_s
 
         def key(req):

@@ -631,9 +631,6 @@ class SimEngine:
     # with the budget and seats that D leaves — which is exactly `schedule()` on V with the limits
     # reduced by |D|. Steps with V empty are planned ahead without any scheduler call.
 
-    def _key(self, r, now: float):
-        return self.scheduler.order_key(now)(r)
-
     def _promote(self, now: float) -> None:
         sch = self.scheduler
         running = sch.running

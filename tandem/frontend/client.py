@@ -182,6 +182,8 @@ class DisaggPolicy:
 
 
 class EngineClient:
+    MONITOR_INTERVAL_S = 0.1        # how often worker liveness is checked
+
     def __init__(self, out_addr: str, router: KvRouter | None = None, runtime=None,
                  heartbeat_timeout: float = 10.0, max_retries: int = 2,
                  on_change: Callable[[], None] | None = None, disagg: "DisaggPolicy | None" = None):
@@ -543,7 +545,7 @@ class EngineClient:
     # ------------------------------------------------------------------ failure detection
     async def _monitor(self) -> None:
         while True:
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(self.MONITOR_INTERVAL_S)
             try:
                 self._check_workers()
             except Exception:  # noqa: BLE001
@@ -551,7 +553,7 @@ class EngineClient:
 
     def _check_workers(self) -> None:
         now = time.monotonic()
-        stalled = now - self._last_check - 0.1 if self._last_check is not None else 0.0
+        stalled = now - self._last_check - self.MONITOR_INTERVAL_S if self._last_check is not None else 0.0
         self._last_check = now
         if stalled > 0.5:
             # this process did not run (starved CPU, a long GC, a blocking call): the workers' status

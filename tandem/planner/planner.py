@@ -618,18 +618,18 @@ class Planner:
         h = cfg.hysteresis
         delta = target_p - P
         move, why = 0, ""
+        # what a donor keeps on evidence: what it needs now, (1 + h) x its load now, under the high
+        # watermark (a move must not create the next bottleneck). Not its held peak or its decaying
+        # memory: those guard against chasing bursts, and a receiver short of its need now (rescue)
+        # or missing its SLO (feedback) is not a chase (holding them cost ~5 s per chat <->
+        # summarization swing on the GPU: the pool that had just served the old phase kept its worker)
+        keep_d = self._keep(m["need_now_d"], m["load_now_d"], 0.0)
+        keep_p = self._keep(m["need_now_p"], m["load_now_p"], 0.0)
         if regime == "idle":
             if delta != 0:
                 move, why = delta, f"idle for {now - (self._idle_since or now):.0f}s: " \
                                    f"moving to idle split {cfg.idle_split}"
         elif regime == "ok":
-            # the donor keeps what it needs now, (1 + h) x its load now, and stays under the high
-            # watermark (a rescue must not create the next bottleneck). Not its held peak or its
-            # decaying memory: those guard against chasing bursts, and a receiver short of its
-            # predicted need now is not a chase (holding them cost ~5 s per chat <-> summarization
-            # swing on the GPU: the pool that had just served the old phase kept its worker)
-            keep_d = self._keep(m["need_now_d"], m["load_now_d"], m["load_now_d"])
-            keep_p = self._keep(m["need_now_p"], m["load_now_p"], m["load_now_p"])
             if delta > 0 and P < need_p:
                 move = max(0, min(delta, need_p - P, D - keep_d))
                 why = f"rescue prefill: {P} < need {need_p}"
@@ -657,17 +657,14 @@ class Planner:
                     why = (f"over budget (need {need_p}P+{need_d}D > {G}): equalise overload "
                            f"{cur:.2f} -> {new:.2f}")
         if move == 0 and regime in ("ok", "infeasible"):
-            # measured-SLO feedback: one flip toward the pool that misses its SLO
-            # (evidence beats prediction: the donor keeps what it needs now, not its held peak
-            # or its decaying memory, so a finished burst does not pin a worker for long)
+            # measured-SLO feedback: one flip toward the pool that misses its SLO (the donor
+            # keeps its evidence-based keep, so a finished burst does not pin a worker for long)
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
-                    cfg.min_decode, math.ceil(m["need_now_d"] * (1 + h)),
-                    self._keep(m["need_now_d"], m["load_now_d"], 0.0)):
+                    cfg.min_decode, math.ceil(m["need_now_d"] * (1 + h)), keep_d):
                 move, why = 1, (f"feedback: prefill misses its SLO "
                                 f"({', '.join(self._pressure_why['prefill'])}) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
-                    cfg.min_prefill, math.ceil(m["need_now_p"] * (1 + h)),
-                    self._keep(m["need_now_p"], m["load_now_p"], 0.0)):
+                    cfg.min_prefill, math.ceil(m["need_now_p"] * (1 + h)), keep_p):
                 move, why = -1, (f"feedback: decode misses its SLO "
                                  f"({', '.join(self._pressure_why['decode'])}) and prefill has slack")
         if move == 0:

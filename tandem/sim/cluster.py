@@ -758,12 +758,13 @@ class SimCluster:
     def _finished(self, ai: int, n: int) -> bool:
         if ai < n or self.client_queue:
             return False
-        if self.completed + self.failed < self.sent:
+        left = self.sent - self.completed - self.failed
+        if left:
             # only requests no worker can take are left, and no worker is on its way: stop the
             # periodic events so the run ends (they are failed as no_worker) instead of ticking forever
-            return bool(self.pending or self.pending_decode) and self.now - self._t_last_arrival > self.cfg.stall_timeout_s and \
-                not any(w.state in ("flipping", "starting") for w in self.workers) and \
-                len(self.pending) + len(self.pending_decode) >= self.sent - self.completed - self.failed
+            return (len(self.pending) + len(self.pending_decode) >= left
+                    and self.now - self._t_last_arrival > self.cfg.stall_timeout_s
+                    and not any(w.state in ("flipping", "starting") for w in self.workers))
         return True
 
     # ------------------------------------------------------------------ results

@@ -57,43 +57,35 @@ class ReplicatedRequests:
     def __len__(self) -> int:
         return len(self._order)
 
-    def _make(self, idx: int, k: int, dicts: list):
+    def _make(self, idx: int, k: int, t_k: float, dicts: list):
+        """Request `idx` of the stream: copy k // n of base request k % n, arriving at `t_k`."""
         c, i = divmod(k, len(self.base))
         r = object.__new__(type(self.base[i]))
         d = r.__dict__
         d.update(dicts[i])
-        d["arrival_s"] = float(self._t[k])
+        d["arrival_s"] = t_k
         d["namespace"] += c * self._nss
         d["idx"] = idx
         return r
 
     def __iter__(self):
-        """As `_make(idx, order[idx])` for every idx, with the arrival times and copy numbers read
-        in chunks (a numpy scalar read per request cost ~0.5 us)."""
+        """`_make` for every idx, with the copy numbers and arrival times read in chunks (a numpy
+        scalar read per request cost ~0.5 us)."""
         dicts = [dict(r.__dict__) for r in self.base]
-        cls = [type(r) for r in self.base]
-        n = len(self.base)
-        nss = self._nss
-        new = object.__new__
+        make = self._make
         order, t = self._order, self._t
         C = 65536
         idx = 0
         for lo in range(0, len(order), C):
             ks = order[lo:lo + C]
-            for k, tk in zip(ks.tolist(), t[ks].tolist()):
-                c, i = divmod(k, n)
-                r = new(cls[i])
-                d = r.__dict__
-                d.update(dicts[i])
-                d["arrival_s"] = tk
-                d["namespace"] += c * nss
-                d["idx"] = idx
+            for k, t_k in zip(ks.tolist(), t[ks].tolist()):
+                yield make(idx, k, t_k, dicts)
                 idx += 1
-                yield r
 
     def __getitem__(self, idx: int):
         idx = range(len(self))[idx]
-        return self._make(idx, int(self._order[idx]), [r.__dict__ for r in self.base])
+        k = int(self._order[idx])
+        return self._make(idx, k, float(self._t[k]), [r.__dict__ for r in self.base])
 
     def arrivals(self) -> np.ndarray:
         return self._t[self._order]
