@@ -112,9 +112,14 @@ class Planner:
         self._last_now: Optional[float] = None
         self._grow_t = {"prefill": -math.inf, "decode": -math.inf}
         self._last_hold: dict[str, float] = {}
-        self._needs: deque[tuple[float, int, int, float, float]] = deque()
+        self._needs: deque[tuple[float, int, int, float, float, float, float]] = deque()
         self._loads: deque[tuple[float, float, float]] = deque()
         self._pressure_why: dict[str, list[str]] = {"prefill": [], "decode": []}
+        self._flap = 0.0                   # flap-damping penalty (reversals, decaying) at _flap_t
+        self._flap_t = 0.0
+        self._damped = False
+        self._cycle_mean = (0.0, 0.0)      # mean planned loads over the last flap_hold_s
+        self._infeasible_t = -math.inf     # last tick whose needs exceeded the budget
 
     # ================================================================================ public API
     def tick(self, view: ClusterView) -> list[Decision]:
@@ -154,7 +159,8 @@ class Planner:
         drain = m["prefill_backlog"] / (n_pf * cap_p) if n_pf > 0 and cap_p > 0 else 0.0
         m["prefill_queue_s"] = drain
         why = self._pressure_why
-        if drain > cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac:
+        queue_miss = drain > cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac
+        if queue_miss:
             m["prefill_pressure"] = True
             why["prefill"].append(f"queued prompts need {drain:.1f}s to prefill")
         if absorb and m["prefill_pressure"]:
@@ -164,8 +170,11 @@ class Planner:
             why["prefill"] = []
         # measured SLO pressure: one more worker of need for the pool that misses its SLO, unless
         # that pool grew so recently that the measurement window cannot show it yet
+        # (the queue's drain time is not a window measurement: it is computed for the pool as it
+        # is after pending flips, so a recent growth is already in it)
         settle = m["window_s"] + self.profile.role_flip_s + cfg.tick_s
-        if m["prefill_pressure"] and now - self._grow_t["prefill"] < settle:
+        if (m["prefill_pressure"] and now - self._grow_t["prefill"] < settle
+                and not (queue_miss and not absorb)):
             m["prefill_pressure"] = False
         if m["decode_pressure"] and now - self._grow_t["decode"] < settle:
             m["decode_pressure"] = False
@@ -176,16 +185,36 @@ class Planner:
         # what the pools need now, before peak hold and donor memory: measured SLO misses
         # (feedback) act on this evidence alone
         m["need_now_p"], m["need_now_d"] = need_p, need_d
+        m["keep_ev_p"], m["keep_ev_d"] = self._evidence_keep(m, pred, G, P)
         m["load_now_p"], m["load_now_d"] = load_p, load_d
         # peak hold: a pool keeps what it needed in the last peak_window_s, so that bursts
         # shorter than a flip round trip do not make workers chase them
         now_need = (need_p, need_d, load_p, load_d)
-        held = self._hold(now, now_need)
+        # the arrivals' own work (no queue, no in-flight): over a cycle, its mean is the load
+        # the pools must carry for good; a queue is that work deferred, not more of it
+        flow_p = pred["rate"] * nonneg(need.info.get("service_s")) / cfg.prefill_util_max
+        flow_d = nonneg(need.info.get("by_tps")) / cfg.decode_util_max
+        if absorb:
+            flow_d += flow_p * cfg.prefill_util_max / cfg.decode_util_max
+            flow_p = 0.0
+        held, cycle = self._hold(now, now_need, (flow_p, flow_d))
+        damped = m["damped"] = self._damping(now)
+        m["flap_penalty"] = self._flap_now(now)
+        if damped:
+            # flapping (the flips keep reversing: bursts shorter than a move round trip that need
+            # more than the budget): plan for the peaks of the whole cycle, so that the split
+            # settles where the cycle is best served instead of chasing each phase; donors keep
+            # the cycle's peak too (bursty at x1.25: 60 flips, 74 % where 6:2 held gets 93 %)
+            need_p, need_d = max(need_p, cycle[0]), max(need_d, cycle[1])
+            load_p, load_d = max(load_p, cycle[2]), max(load_d, cycle[3])
+            m["need_now_p"], m["need_now_d"] = need_p, need_d
+            m["load_now_p"], m["load_now_d"] = load_p, load_d
+            m["keep_ev_p"], m["keep_ev_d"] = max(m["keep_ev_p"], need_p), max(m["keep_ev_d"], need_d)
         # the held peak protects a pool from shrinking below what it has; it never makes a pool
         # grow (growing toward a finished burst is the chase the hold exists to prevent)
         need_p, need_d = max(need_p, min(held[0], P)), max(need_d, min(held[1], D))
         load_p, load_d = max(load_p, min(held[2], float(P))), max(load_d, min(held[3], float(D)))
-        if need_p + need_d > G:
+        if need_p + need_d > G and not damped:
             # the hold only uses room the budget has: when the held needs do not fit, the pools
             # compete for workers on what they need now (a pool short now is not a chase; holding
             # here cost ~5 s per chat <-> summarization swing on the GPU, the old phase's pool
@@ -223,6 +252,7 @@ class Planner:
                      "decode": _r(load_d / D if D else (math.inf if load_d else 0.0))},
             "idle": idle,
             "aggregated": absorb,
+            "flap": {"penalty": _r(m["flap_penalty"]), "damped": damped},
         }
         for k in ("prefill", "decode"):
             if inputs["util"][k] is None:
@@ -230,7 +260,14 @@ class Planner:
         decisions: list[Decision] = []
 
         # ---------------------------------------------------------------- flips within budget
-        target_p, regime = self._target_split(G, P, need_p, need_d, load_p, load_d)
+        floors = None
+        if damped:
+            # a pool whose mean load over the cycle exceeds it falls behind for good (its queue
+            # grows every cycle); the peaks only share what is left after both means are met
+            floors = (math.ceil(self._cycle_mean[0] - 1e-9), math.ceil(self._cycle_mean[1] - 1e-9))
+            inputs["flap"]["cycle_floor"] = {"prefill": floors[0], "decode": floors[1]}
+            m["cycle_floor"] = floors
+        target_p, regime = self._target_split(G, P, need_p, need_d, load_p, load_d, floors)
         if idle:
             regime = "idle"
             if (cfg.idle_split is not None and self._idle_since is not None
@@ -238,6 +275,8 @@ class Planner:
                 target_p = self._clamp_p(int(round(G * cfg.idle_split)), G)
             else:
                 target_p = P
+        if regime == "infeasible":
+            self._infeasible_t = now
         inputs["target"] = {"prefill": target_p, "decode": G - target_p}
         inputs["regime"] = regime
 
@@ -311,16 +350,51 @@ class Planner:
         }
 
     # ============================================================================== internals
-    def _hold(self, now: float, cur: tuple[int, int, float, float]) -> tuple[int, int, float, float]:
-        w = self.cfg.peak_window_s
+    def _hold(self, now: float, cur: tuple[int, int, float, float], flow: tuple[float, float]
+              ) -> tuple[tuple[int, int, float, float], tuple[int, int, float, float]]:
+        """The largest (need_p, need_d, load_p, load_d) of the last `peak_window_s` and of the
+        last `flap_hold_s` (the cycle, used while flapping); keeps the mean flow loads of the
+        cycle in `_cycle_mean`."""
+        cfg = self.cfg
+        w = max(cfg.peak_window_s, cfg.flap_hold_s if cfg.flap_suppress > 0 else 0.0)
         if w <= 0:
-            return cur
+            return cur, cur
         q = self._needs
-        q.append((now, *cur))
+        q.append((now, *cur, *flow))
         while q and q[0][0] < now - w:
             q.popleft()
-        return (max(x[1] for x in q), max(x[2] for x in q), max(x[3] for x in q),
-                max(x[4] for x in q))
+
+        def peak(since: float) -> tuple[int, int, float, float]:
+            xs = [x for x in q if x[0] >= since]
+            return (max(x[1] for x in xs), max(x[2] for x in xs), max(x[3] for x in xs),
+                    max(x[4] for x in xs))
+        short = peak(now - cfg.peak_window_s) if cfg.peak_window_s > 0 else cur
+        cyc = [x for x in q if x[0] >= now - cfg.flap_hold_s]
+        # prefill: the prompts' own work (a queue is that work deferred); decode: the larger of
+        # the output flow and the seats in use (decodes hold KV: a KV-bound pool shows as seats)
+        self._cycle_mean = (sum(x[5] for x in cyc) / len(cyc),
+                            sum(max(x[4], x[6]) for x in cyc) / len(cyc))
+        return short, peak(now - cfg.flap_hold_s)
+
+    def _flap_now(self, now: float) -> float:
+        hl = self.cfg.flap_half_life_s
+        if self._flap <= 0 or hl <= 0:
+            return self._flap if hl <= 0 else 0.0
+        return self._flap * 0.5 ** (max(0.0, now - self._flap_t) / hl)
+
+    def _damping(self, now: float) -> bool:
+        """Flap damping (as in BGP route-flap damping): on from `flap_suppress` reversals'
+        worth of penalty until it has decayed to `flap_reuse`."""
+        cfg = self.cfg
+        if cfg.flap_suppress <= 0:
+            self._damped = False
+            return False
+        f = self._flap_now(now)
+        if not self._damped and f >= cfg.flap_suppress:
+            self._damped = True
+        elif self._damped and f < cfg.flap_reuse:
+            self._damped = False
+        return self._damped
 
     def _memory(self, now: float, lp: float, ld: float) -> tuple[float, float]:
         tau = self.cfg.donor_memory_s
@@ -362,6 +436,41 @@ class Planner:
         step = self.profile.decode_step_time(batch, max(nonneg(demand.context), 1.0))
         tpot = cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac
         return step + self.profile.prefill_time(chunk) <= tpot
+
+    def _evidence_keep(self, m: dict, pred: dict, G: int, P: int) -> tuple[int, int]:
+        """(prefill, decode) workers the work *measured* in the last window needs, without the
+        predictor's memory: prefill for the window's prompts plus the queue; decode seats for the
+        decodes in flight (at full batch: they drain by themselves) and the window's arrivals'
+        output at the planned utilisation. An over-budget pool that measurably misses its SLO
+        takes a worker down to this: at a chat -> summarization swing the decay of the predicted
+        chat demand kept 4 decode workers for ~20 s while 5 prefill workers were needed and the
+        queue of prompts grew (bursty-swing at x1.6, 8 GPUs)."""
+        cfg = self.cfg
+        rate = m["rate"]
+        d = Demand(rate=rate, isl=m["prefill_tps"] / rate if rate > 0 else 0.0,
+                   osl=m["decode_demand_tps"] / rate if rate > 0 else 0.0, isl_p90=self._isl_p90,
+                   context=pred["context"], prefill_backlog_tokens=m["prefill_backlog"],
+                   decode_inflight=m["decode_inflight"])
+        n = self._needed(d, m, G)
+        # what reaches decode is what the prefill pool puts out: with a queue of prompts, that
+        # is its capacity with the worker it would receive, not the arrivals (taking the last
+        # decode workers while the queue drains into them collapsed bursty at x1.5)
+        tps = nonneg(m["decode_demand_tps"])
+        if m["prefill_backlog"] > 0 and rate > 0:
+            isl = max(d.isl, 1.0)
+            out_rate = (P + 1) * self.profile.prefill_capacity_tps(isl) / isl
+            tps = max(tps, out_rate * d.osl)
+        thr = nonneg(n.info.get("decode_cap_tps"))
+        flow = math.ceil(tps / thr / cfg.decode_util_max - 1e-9) if thr > 0 else 0
+        # seats at the context the in-flight decodes have (measured from their KV), not the
+        # context of what arrives now (a swing changes it)
+        ctx = m["decode_context"] or pred["context"]
+        b, _, _ = self.profile.max_decode_batch(
+            max(ctx, 1.0), cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac, cfg.kv_util_max,
+            m["kv_capacity"], cfg.max_num_seqs)
+        seats = math.ceil(nonneg(m["decode_inflight"]) / max(b, 1) - 1e-9)
+        return (max(cfg.min_prefill, n.prefill),
+                max(cfg.min_decode, seats, flow))
 
     def _expire_pending(self, now: float, workers: list[WorkerView]) -> None:
         by_id = {str(w.worker_id): w for w in workers}
@@ -433,7 +542,7 @@ class Planner:
             if isl_p90 > 0:
                 self._isl_p90 = isl_p90 if self._isl_p90 <= 0 else \
                     self._isl_p90 + a * (isl_p90 - self._isl_p90)
-        backlog = inflight = running = upcoming = 0.0
+        backlog = inflight = running = upcoming = kv_used = 0.0
         kv_caps: list[int] = []
         kv_full = decode_queue = False
         n_p = sum(1 for w in workers if w.in_service() and w.effective_role() == "prefill")
@@ -460,6 +569,7 @@ class Planner:
                 cap = int(nonneg(w.kv_capacity_tokens))
                 if cap > 0:
                     kv_caps.append(cap)
+                    kv_used += min(1.0, nonneg(w.kv_usage)) * cap
         # of the requests in the prefill stage, only those the prefill pool finishes within a
         # flip's horizon will occupy decode slots before a flip could add any
         isl_now = prompt / arrivals if arrivals else max(self._ctx - self._osl / 2.0, 1.0)
@@ -492,6 +602,8 @@ class Planner:
             "prefill_queue_wait_p90_s": qwait if qwait is not None else 0.0,
             "prefill_backlog": backlog, "decode_inflight": inflight + upcoming,
             "decode_upcoming": upcoming, "running": running,
+            # mean context of the decodes in flight, from the KV they hold (0: unknown)
+            "decode_context": kv_used / inflight if inflight > 0 else 0.0,
             "kv_capacity": min(kv_caps) if kv_caps else 0,
             "prefill_pressure": prefill_pressure, "decode_pressure": decode_pressure,
         }
@@ -586,13 +698,23 @@ class Planner:
         ud = y / (G - p) if G - p > 0 else (math.inf if y > 0 else 0.0)
         return max(up, ud)
 
-    def _target_split(self, G: int, P: int, need_p: int, need_d: int, x: float, y: float
-                      ) -> tuple[int, str]:
+    def _target_split(self, G: int, P: int, need_p: int, need_d: int, x: float, y: float,
+                      floors: Optional[tuple[int, int]] = None) -> tuple[int, str]:
         if G <= 0:
             return 0, "empty"
         feasible = need_p + need_d <= G
         if feasible:
             lo, hi = self._clamp_p(need_p, G), self._clamp_p(G - need_d, G)
+        elif floors is not None and floors[0] + floors[1] <= G:
+            lo, hi = self._clamp_p(floors[0], G), self._clamp_p(G - floors[1], G)
+        elif floors is not None and self._cycle_mean[0] + self._cycle_mean[1] > 0:
+            # overloaded on average: every split falls behind somewhere, so share the budget by
+            # the mean loads (the peaks would starve the pool whose load is steady)
+            x, y = self._cycle_mean
+            star = G * x / (x + y)
+            cands = {self._clamp_p(c, G) for c in (math.floor(star), math.ceil(star), P)}
+            return min(cands, key=lambda c: (round(self._score(c, G, x, y), 9), abs(c - P))), \
+                "infeasible"
         else:
             lo, hi = self._clamp_p(0, G), self._clamp_p(G, G)
             # when infeasible, balance the overload of the integer needs (queueing included)
@@ -646,29 +768,47 @@ class Planner:
                     move = delta
                     why = (f"balance: max utilisation {cur:.2f} -> {new:.2f} "
                            f"({'decode->prefill' if delta > 0 else 'prefill->decode'})")
+        elif regime == "infeasible" and m.get("cycle_floor") and (
+                P < min(m["cycle_floor"][0], target_p) or D < min(m["cycle_floor"][1], G - target_p)):
+            # damped and a pool is below its mean load over the cycle: it falls further behind
+            # every cycle, whatever the peaks say
+            move = target_p - P
+            why = (f"over budget (need {need_p}P+{need_d}D > {G}), flapping: "
+                   f"{'prefill' if move > 0 else 'decode'} is below its mean load over the cycle")
         elif regime == "infeasible":
             # a donor that misses its SLO gives only to a receiver that misses its SLO too
             donor_pressed = m["decode_pressure"] if delta > 0 else m["prefill_pressure"]
             recv_pressed = m["prefill_pressure"] if delta > 0 else m["decode_pressure"]
             if delta != 0 and (recv_pressed or not donor_pressed):
                 cur, new = self._score(P, G, x, y), self._score(target_p, G, x, y)
-                if new <= cur * (1 - 2 * h):
+                # the 2h margin is against noise in the current needs; damped needs are the
+                # cycle's peaks, already smooth
+                if new <= cur * (1 - (h if m.get("damped") else 2 * h)):
                     move = delta
                     why = (f"over budget (need {need_p}P+{need_d}D > {G}): equalise overload "
                            f"{cur:.2f} -> {new:.2f}")
         if move == 0 and regime in ("ok", "infeasible"):
             # measured-SLO feedback: one flip toward the pool that misses its SLO (the donor
-            # keeps its evidence-based keep, so a finished burst does not pin a worker for long)
+            # keeps its evidence-based keep, so a finished burst does not pin a worker for long).
+            # Over budget, something misses anyway: the donor keeps only what its measured work
+            # needs (`_evidence_keep`), so the pool that misses its SLO is served first
+            if regime == "infeasible":
+                fb_keep_p, fb_keep_d = m["keep_ev_p"], m["keep_ev_d"]
+            else:
+                fb_keep_p = max(math.ceil(m["need_now_p"] * (1 + h)), keep_p)
+                fb_keep_d = max(math.ceil(m["need_now_d"] * (1 + h)), keep_d)
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
-                    cfg.min_decode, math.ceil(m["need_now_d"] * (1 + h)), keep_d):
+                    cfg.min_decode, fb_keep_d):
                 move, why = 1, (f"feedback: prefill misses its SLO "
                                 f"({', '.join(self._pressure_why['prefill'])}) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
-                    cfg.min_prefill, math.ceil(m["need_now_p"] * (1 + h)), keep_p):
+                    cfg.min_prefill, fb_keep_p):
                 move, why = -1, (f"feedback: decode misses its SLO "
                                  f"({', '.join(self._pressure_why['decode'])}) and prefill has slack")
         if move == 0:
             return 0, ""
+        if m.get("damped"):
+            why += f" (flap damping: planning for the peaks of the last {cfg.flap_hold_s:g}s)"
         # global cooldowns
         direction = "decode->prefill" if move > 0 else "prefill->decode"
         since = now - self._last_flip_t
@@ -720,6 +860,14 @@ class Planner:
                       f"; worker had {int(nonneg(w.waiting_prefill_tokens))} queued prefill tokens")
             out.append(Decision(time=now, action="flip", worker_id=w.worker_id, from_role=src,
                                 to_role=dst, reason=why + detail, inputs=dinputs))
+        if (self._last_flip_dir is not None and self._last_flip_dir != f"{src}->{dst}"
+                and now - self._last_flip_t <= self.cfg.flap_hold_s / 2
+                and now - self._infeasible_t <= self.cfg.flap_hold_s):
+            # a reversal within a cycle that needs more than the budget (a phase change after a
+            # longer calm is not a flap, nor is following feasible phases: two workers swapping
+            # chat and summarization every 20 s is what flips are for)
+            self._flap = self._flap_now(now) + 1.0
+            self._flap_t = now
         self._last_flip_t = now
         self._last_flip_dir = f"{src}->{dst}"
         return out

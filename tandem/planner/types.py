@@ -208,6 +208,14 @@ class PlannerConfig:
     hysteresis: float = 0.15                 # donor keeps (1+h) x its need; balance gain must be h
     peak_window_s: float = 10.0              # plan for the largest need of this recent past (0: off)
     donor_memory_s: float = 30.0             # a donor keeps room for its recent load, decaying (0: off)
+    # flap damping: each reversal of flip direction within flap_hold_s of the last flip adds 1
+    # to a penalty that halves every flap_half_life_s; from flap_suppress until it decays to
+    # flap_reuse the planner plans for the peaks of the last flap_hold_s (the cycle), not for
+    # what is needed now (0: off)
+    flap_suppress: float = 2.0
+    flap_reuse: float = 0.5
+    flap_half_life_s: float = 120.0
+    flap_hold_s: float = 60.0
     high_watermark: float = 0.8              # balance moves only when the bottleneck is above this
     max_flips_per_tick: int = 0              # 0: auto = max(1, round(flip_frac_per_tick x GPUs))
     flip_frac_per_tick: float = 0.05
@@ -252,7 +260,8 @@ class PlannerConfig:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
-                     "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s"):
+                     "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s",
+                     "flap_suppress", "flap_reuse", "flap_half_life_s", "flap_hold_s"):
             if not finite(getattr(self, name), -1) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not finite(self.predictor_half_life_s, -1) > 0:

@@ -66,7 +66,8 @@ def drive(predictor, phases, ticks, prof):
     """Planner with scaling on hand-built views: starts become active after worker_start_s,
     stops leave; flips are not applied (only scaling is under test). Returns the decisions."""
     pl = Planner(PlannerConfig(slo_ttft_ms=1000, slo_tpot_ms=50, min_gpus=2, max_gpus=24,
-                               scale_in_delay_s=30, start_cooldown_s=5, predictor=predictor), prof)
+                               scale_in_delay_s=30, start_cooldown_s=5, predictor=predictor,
+                               flap_suppress=0), prof)   # flips are not applied here
     ws = [WorkerView("p0", "prefill", since=0), WorkerView("d0", "decode", since=0)]
     out, n = [], 0
     for t in range(ticks):
