@@ -173,8 +173,7 @@ class Planner:
         # (the queue's drain time is not a window measurement: it is computed for the pool as it
         # is after pending flips, so a recent growth is already in it)
         settle = m["window_s"] + self.profile.role_flip_s + cfg.tick_s
-        if (m["prefill_pressure"] and now - self._grow_t["prefill"] < settle
-                and not (queue_miss and not absorb)):
+        if m["prefill_pressure"] and now - self._grow_t["prefill"] < settle and not queue_miss:
             m["prefill_pressure"] = False
         if m["decode_pressure"] and now - self._grow_t["decode"] < settle:
             m["decode_pressure"] = False
@@ -364,22 +363,22 @@ class Planner:
         while q and q[0][0] < now - w:
             q.popleft()
 
-        def peak(since: float) -> tuple[int, int, float, float]:
-            xs = [x for x in q if x[0] >= since]
+        def peak(xs: list) -> tuple[int, int, float, float]:
             return (max(x[1] for x in xs), max(x[2] for x in xs), max(x[3] for x in xs),
                     max(x[4] for x in xs))
-        short = peak(now - cfg.peak_window_s) if cfg.peak_window_s > 0 else cur
+        short = peak([x for x in q if x[0] >= now - cfg.peak_window_s]) \
+            if cfg.peak_window_s > 0 else cur
         cyc = [x for x in q if x[0] >= now - cfg.flap_hold_s]
         # prefill: the prompts' own work (a queue is that work deferred); decode: the larger of
         # the output flow and the seats in use (decodes hold KV: a KV-bound pool shows as seats)
         self._cycle_mean = (sum(x[5] for x in cyc) / len(cyc),
                             sum(max(x[4], x[6]) for x in cyc) / len(cyc))
-        return short, peak(now - cfg.flap_hold_s)
+        return short, peak(cyc)
 
     def _flap_now(self, now: float) -> float:
         hl = self.cfg.flap_half_life_s
-        if self._flap <= 0 or hl <= 0:
-            return self._flap if hl <= 0 else 0.0
+        if hl <= 0:
+            return self._flap
         return self._flap * 0.5 ** (max(0.0, now - self._flap_t) / hl)
 
     def _damping(self, now: float) -> bool:
@@ -710,11 +709,8 @@ class Planner:
         elif floors is not None and self._cycle_mean[0] + self._cycle_mean[1] > 0:
             # overloaded on average: every split falls behind somewhere, so share the budget by
             # the mean loads (the peaks would starve the pool whose load is steady)
+            lo, hi = self._clamp_p(0, G), self._clamp_p(G, G)
             x, y = self._cycle_mean
-            star = G * x / (x + y)
-            cands = {self._clamp_p(c, G) for c in (math.floor(star), math.ceil(star), P)}
-            return min(cands, key=lambda c: (round(self._score(c, G, x, y), 9), abs(c - P))), \
-                "infeasible"
         else:
             lo, hi = self._clamp_p(0, G), self._clamp_p(G, G)
             # when infeasible, balance the overload of the integer needs (queueing included)
