@@ -11,7 +11,7 @@ Parts (each bounded in time; a failed part is reported and the next one runs):
             an N-token prompt's KV; a decode Engine on GPU1 fetches it with `fetch_kv` and imports it
             (`add_request(kv_import=...)`). Bandwidth and its ratio to the IPC peer copy (goal >= 0.8);
             the fetched and the imported blocks are checked bitwise (sha256) against the source. Two
-            paths: `staged` (the workers' default) and `direct` (TANDEM_KV_DIRECT=1, no staging copy).
+            paths: `staged` (TANDEM_KV_DIRECT=0) and `direct` (the workers' default: no staging copy).
   serve     `tandem serve --prefill 1 --decode 1` vs `--workers 2` on the same GPUs with the same
             requests (`tandem bench --workload mixed`, fixed seed, saved once and replayed), plus the
             chat requests alone on 1P1D; one table: chat TTFT/TPOT p99, summarization throughput, chat
@@ -275,6 +275,7 @@ def cmd_kv_prefill(a) -> None:
         rid = msg["rid"]
         t0 = time.perf_counter()
         with agent.lock:
+            agent.completed()                 # frees the KV of acks that came while the lock was held
             eng.add_request(rid, ids, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), hold_kv=True)
         while rid in eng.requests:
             with agent.lock:
@@ -687,7 +688,7 @@ def main_driver(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--modes", default="staged,direct",
                     help="transfer paths: staged (the workers' default: export copy + IPC handle per transfer) "
-                         "and direct (TANDEM_KV_DIRECT=1: blocks gathered from the peer's mapped KV cache)")
+                         "and direct (the default, TANDEM_KV_DIRECT=1: blocks copied from the peer's mapped KV cache)")
     ap.add_argument("--kv-gb", type=float, default=None, help="KV cache GiB of the transfer-test engines")
     ap.add_argument("--duration", type=float, default=40.0, help="seconds of arrivals per bench run")
     ap.add_argument("--request-timeout", type=float, default=60.0)

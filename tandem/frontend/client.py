@@ -163,7 +163,10 @@ class RequestHandle:
 class DisaggPolicy:
     """Conditional disaggregation: prefill on the decode worker itself when that is cheaper than a
     remote prefill plus a KV transfer — the uncached part of the prompt is short, or the prefill pool's
-    queue is long compared with what the decode worker has to do."""
+    queue is long compared with what the decode worker has to do. A long queue never sends a `batch`
+    prompt to a decode worker: its prefill would stall every chat decode there (the GPU run of a
+    summarization flood, docs/benchmarks.md); batch work waits for the prefill pool, which the planner
+    grows, and a full queue answers 429."""
     local_prefill_max_tokens: int = 256        # uncached prompt tokens at or below this: prefill locally
     prefill_queue_factor: float = 4.0          # local when min prefill queue > factor x decode worker's queue
 
@@ -176,7 +179,7 @@ class DisaggPolicy:
         queues = [float(p.stats.get("waiting_prefill_tokens", 0) or 0)
                   for p in client.alive_workers(("prefill",)) if p.worker_id not in h.failed_workers]
         mine = float(w.stats.get("waiting_prefill_tokens", 0) or 0) + uncached
-        if queues and min(queues) > self.prefill_queue_factor * mine:
+        if queues and min(queues) > self.prefill_queue_factor * mine and h.priority != "batch":
             return "local_prefill_queue_long"
         return None
 

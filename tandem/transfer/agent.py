@@ -43,8 +43,9 @@ class TransferAgent:
     def __init__(self, engine, lock: threading.Lock, host: str = "127.0.0.1", mode: str = "auto",
                  timeout_s: float = 5.0, workers: int = 2, direct: bool | None = None):
         self.engine, self.lock, self.timeout_s = engine, lock, timeout_s
-        # fetch with the zero-staging CUDA path (KVServer docstring); opt-in until measured on GPUs
-        self.direct = os.environ.get("TANDEM_KV_DIRECT", "0") == "1" if direct is None else direct
+        # fetch with the zero-staging CUDA path (KVServer docstring): 4-8x the staged path's bandwidth on
+        # two H200s (docs/benchmarks.md); TANDEM_KV_DIRECT=0 falls back to staged copies
+        self.direct = os.environ.get("TANDEM_KV_DIRECT", "1") == "1" if direct is None else direct
         cache = getattr(getattr(engine, "runner", None), "kv_cache", None)
         self.server = KVServer(engine.export_kv, engine.release_kv, lock, f"tcp://{host}:*", mode,
                                direct=(cache, self._locate) if cache is not None else None)
@@ -55,17 +56,19 @@ class TransferAgent:
         self.fail_next = 0            # test hook: inject this many transfer failures
         self.inflight = 0             # fetches started and not yet collected by completed()
 
-    def _locate(self, request_id: str, start_block: int) -> tuple[dict, list[int]]:
-        """What `engine.export_kv` would copy, without copying: the header and the block ids."""
+    def _locate(self, request_id: str, start_block: int) -> tuple[dict, list[int], bool]:
+        """What `engine.export_kv` would copy, without copying: the header, the block ids, and whether the
+        request is held (its KV final: safe to read without the engine lock; see KVServer)."""
         eng = self.engine
-        req = eng.held.get(request_id) or eng.requests.get(request_id)
+        held = eng.held.get(request_id)
+        req = held or eng.requests.get(request_id)
         if req is None:
             raise KeyError(request_id)
         n = req.num_computed_tokens
         head = {"request_id": request_id, "num_tokens": n, "block_size": eng.kv.block_size,
                 "start_block": start_block, "prompt_token_ids": list(req.prompt_token_ids),
                 "output_token_ids": list(req.output_token_ids)}
-        return head, list(req.block_table[start_block:eng.kv.blocks_needed(n)])
+        return head, list(req.block_table[start_block:eng.kv.blocks_needed(n)]), held is not None
 
     def start_fetch(self, item, prompt_token_ids: list[int], source_addr: str, source_request_id: str) -> None:
         self.inflight += 1
@@ -90,7 +93,14 @@ class TransferAgent:
             log.warning("KV fetch of %s from %s failed (%s); decode worker will prefill itself", rid, addr, e)
             self.done.put(FetchResult(item, None, None, time.perf_counter() - t0, 0, reason=str(e)))
 
+    def ack(self, ack) -> None:
+        """Tell the source to free its held copy, off the caller's thread (the worker loop must not wait
+        for a round trip to another worker)."""
+        self.pool.submit(ack)
+
     def completed(self) -> list[FetchResult]:
+        """Fetches that finished since the last call; also frees KV our peers acked. Call with the lock held."""
+        self.server.release_pending()
         out = []
         while True:
             try:

@@ -37,7 +37,12 @@ class KVServer:
     `direct` = (kv_cache tensor, locate) enables the zero-staging CUDA path for fetchers that ask for it:
     the reply carries the block ids and one IPC handle of the whole KV cache, which the fetcher maps once
     and gathers the blocks from over the GPU link (no export copy here, no handle opened per transfer).
-    `locate(request_id, start_block) -> (header dict, block ids)`; the blocks stay held until the ack."""
+    `locate(request_id, start_block) -> (header dict, block ids, final)`; the blocks stay held until the ack.
+    `final` (the request is held: its KV was written by steps the engine has already read) lets the
+    reply skip the engine lock and any stream sync, so a fetch never waits for the prefill step in flight.
+
+    The server thread never blocks on the engine lock for an ack either: a release it cannot take the
+    lock for at once is queued, and the worker loop applies it (`release_pending`, under the lock)."""
 
     def __init__(self, export, release, lock: threading.Lock, addr: str = "tcp://127.0.0.1:*", mode: str = "auto",
                  direct: tuple | None = None):
@@ -51,6 +56,7 @@ class KVServer:
         self.sock.bind(addr)
         self.addr = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._alive: dict[str, torch.Tensor] = {}   # IPC staging copies awaiting ack
+        self._releases: list[str] = []              # acked while the engine held the lock
         self.stats = TransferStats()
         self._stop = False
         self._thread = threading.Thread(target=self._serve, name="kv-server", daemon=True)
@@ -68,10 +74,15 @@ class KVServer:
                 if msg["op"] == "fetch":
                     self._on_fetch(ident, msg)
                 elif msg["op"] == "done":
-                    self._alive.pop(msg["request_id"], None)
-                    with self.lock:
-                        self.release(msg["request_id"])
                     self.sock.send_multipart([ident, b"", msgpack.packb({"ok": True})])
+                    self._alive.pop(msg["request_id"], None)
+                    if self.lock.acquire(blocking=False):
+                        try:
+                            self.release(msg["request_id"])
+                        finally:
+                            self.lock.release()
+                    else:
+                        self._releases.append(msg["request_id"])
             except Exception as e:                         # reply with the error; the fetcher falls back
                 self.stats.failures += 1
                 log.warning("kv fetch %s failed: %s", msg.get("request_id"), e)
@@ -107,11 +118,21 @@ class KVServer:
         self.stats.bytes += data.numel() * data.element_size()
         self.stats.seconds += time.perf_counter() - t0
 
+    def release_pending(self) -> int:
+        """Free the KV of requests acked while the engine held the lock. Call with the lock held."""
+        n = 0
+        while self._releases:
+            self.release(self._releases.pop())
+            n += 1
+        return n
+
     def _on_fetch_direct(self, ident, msg):
         cache, locate = self.direct
-        with self.lock:
-            head, blocks = locate(msg["request_id"], msg.get("start_block", 0))
-        torch.cuda.current_stream(cache.device).synchronize()      # the blocks' last writes are done
+        head, blocks, final = locate(msg["request_id"], msg.get("start_block", 0))
+        if not final:                                               # a running request (migration)
+            with self.lock:
+                head, blocks, final = locate(msg["request_id"], msg.get("start_block", 0))
+            torch.cuda.current_stream(cache.device).synchronize()  # the blocks' last writes are done
         if self._cache_handle is None:
             from torch.multiprocessing.reductions import reduce_tensor
             self._cache_handle = pickle.dumps(reduce_tensor(cache))
@@ -141,18 +162,58 @@ def _open_ipc(payload: bytes, device) -> torch.Tensor:
 _PEER_CACHES: dict[str, torch.Tensor] = {}     # cache_key -> a peer's KV cache mapped here (direct path)
 
 
+_STREAMS = threading.local()                  # a side stream per fetch thread (direct path)
+MAX_COPY_RUNS = 8                             # more runs of consecutive blocks than this: one gather kernel
+
+
+def _block_runs(blocks: list[int]) -> list[tuple[int, int, int]]:
+    """(first block, offset in the output, length) of each run of consecutive block ids."""
+    runs: list[tuple[int, int, int]] = []
+    for i, b in enumerate(blocks):
+        if runs and runs[-1][0] + runs[-1][2] == b:
+            runs[-1] = (runs[-1][0], runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((b, i, 1))
+    return runs
+
+
+def copy_blocks(cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
+    """`cache.index_select(2, blocks)` for a (layers, 2, blocks, ...) KV cache, as contiguous copies per
+    run of consecutive blocks when there are few runs (on CUDA: copy-engine transfers, even from a
+    peer's mapped memory), else one gather."""
+    runs = _block_runs(blocks)
+    if len(runs) > MAX_COPY_RUNS:
+        return cache.index_select(2, torch.tensor(blocks, dtype=torch.long).to(cache.device))
+    rows = cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], -1)          # (layer, K/V) rows
+    data = torch.empty(cache.shape[:2] + (len(blocks),) + cache.shape[3:], dtype=cache.dtype, device=cache.device)
+    out = data.view(rows.shape[0], len(blocks), rows.shape[2])
+    for first, off, n in runs:
+        for r in range(rows.shape[0]):
+            out[r, off:off + n].copy_(rows[r, first:first + n], non_blocking=True)
+    return data
+
+
 def _gather_direct(head: dict, payload: bytes, device) -> torch.Tensor:
     """Gather the held blocks straight from the peer's KV cache (mapped once per peer, kept) into a new
-    tensor on `device`: one kernel reading over the GPU link, no staging on either side."""
+    tensor on `device`, no staging on either side. Few runs of consecutive blocks (the usual case for a
+    fresh prefill) go as one contiguous copy per layer and K/V — copy-engine transfers at the link's
+    peer-copy speed; a fragmented block list goes as one gather kernel reading over the link. The copy
+    runs on this thread's side stream, so it does not queue behind the decode steps in flight."""
     peer = _PEER_CACHES.get(head["cache_key"])
     if peer is None:
         fn, args = pickle.loads(payload)
         peer = _PEER_CACHES[head["cache_key"]] = fn(*args)
-    idx = torch.tensor(head["blocks"], dtype=torch.long, device=peer.device)
-    data = peer.index_select(2, idx)
-    if data.device != torch.device(device):
-        data = data.to(device)
-    torch.cuda.current_stream(data.device).synchronize()
+    blocks = head["blocks"]
+    main = torch.cuda.current_stream(peer.device)
+    side = getattr(_STREAMS, "stream", None)
+    if side is None or side.device != peer.device:
+        side = _STREAMS.stream = torch.cuda.Stream(device=peer.device)
+    with torch.cuda.stream(side):
+        data = copy_blocks(peer, blocks)
+        if data.device != torch.device(device):
+            data = data.to(device)
+    side.synchronize()
+    data.record_stream(main)          # freed after the import, which runs on the engine's stream
     return data
 
 

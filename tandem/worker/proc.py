@@ -178,13 +178,13 @@ class WorkerCore:
             g = r.item
             if g.request_id not in self.active:      # aborted while its KV was in flight
                 if r.ack:
-                    r.ack()
+                    self.transfer.ack(r.ack)
                 continue
             self.active.discard(g.request_id)
             g._fetched, g._kv = True, r.kv
             self._generate(g)
             if r.ack:
-                r.ack()                               # the source frees its held blocks
+                self.transfer.ack(r.ack)              # the source frees its held blocks
 
     def _abort(self, rids: list[str]) -> None:
         outs = []

@@ -131,7 +131,8 @@ def test_direct_locate_matches_export(llama_dir):
         pre.add_request("a", prompt, SamplingParams(temperature=0, max_tokens=1, ignore_eos=True), hold_kv=True)
         drain(pre)
         for start in (0, 1, 3):
-            head, blocks = agent._locate("a", start)
+            head, blocks, final = agent._locate("a", start)
+            assert final                                         # held: KV final, served without the lock
             ref = pre.export_kv("a", start)
             assert (head["num_tokens"], head["start_block"], head["block_size"]) == \
                 (ref.num_tokens, ref.start_block, ref.block_size)
@@ -141,5 +142,45 @@ def test_direct_locate_matches_export(llama_dir):
         kv, ack = fetch_kv(agent.addr, "a", 0, phases=ph, direct=True)
         assert ph["path"] == "bytes" and torch.equal(kv.data, pre.export_kv("a").data)
         ack()
+    finally:
+        agent.close()
+
+
+def test_copy_blocks_matches_index_select():
+    """The direct path's per-run contiguous copies give exactly `index_select` over the block axis, for
+    one run, a few runs, and a fragmented list past the run limit (the gather kernel's branch)."""
+    import torch
+
+    from tandem.transfer.kv import MAX_COPY_RUNS, _block_runs, copy_blocks
+    cache = torch.randn(3, 2, 40, 4, 2, 5)
+    frag = list(range(0, 2 * (MAX_COPY_RUNS + 2), 2))
+    for blocks in ([7, 8, 9, 10], [3, 4, 20, 21, 22, 5], frag, []):
+        ref = cache.index_select(2, torch.tensor(blocks, dtype=torch.long))
+        assert torch.equal(copy_blocks(cache, blocks), ref)
+    assert _block_runs([5, 6, 7, 9, 10, 2]) == [(5, 0, 3), (9, 3, 2), (2, 5, 1)]
+    assert len(_block_runs(frag)) > MAX_COPY_RUNS
+
+
+def test_ack_never_waits_for_the_engine_lock(llama_dir):
+    """An ack arriving while the worker loop holds the engine lock (a step in flight) is answered at once
+    and its release is queued; the worker loop applies it (`completed()` under the lock)."""
+    import time as _t
+
+    from tandem.transfer.agent import TransferAgent
+    pre = Engine(EngineConfig(llama_dir, device="cpu"))
+    lock = threading.Lock()
+    agent = TransferAgent(pre, lock)
+    try:
+        pre.add_request("a", list(range(9, 9 + 40)), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True),
+                        hold_kv=True)
+        drain(pre)
+        kv, ack = fetch_kv(agent.addr, "a", 0)
+        with lock:                                   # the engine is "stepping"
+            t0 = _t.perf_counter()
+            ack()
+            assert _t.perf_counter() - t0 < 2.0      # answered without the lock
+            assert "a" in pre.held                   # not yet freed: queued
+            agent.completed()                        # the worker loop's poll, under the lock
+            assert "a" not in pre.held
     finally:
         agent.close()
