@@ -317,6 +317,7 @@ def _transfer_series(a, eng, ask, mode: str, n: int, seed: int) -> tuple[int, di
         t2 = time.perf_counter()
         req = eng.requests[rid]
         row = {"tokens": n, "bytes": nbytes, "fetch_s": t1 - t0, "import_s": t2 - t1, "path": ph.get("path"),
+               "block_runs": ph.get("runs"),
                "reply_s": ph.get("reply"), "copy_s": ph.get("copy"),
                "imported": req.num_computed_tokens == kv.num_tokens}
         if check:
@@ -339,7 +340,7 @@ def _transfer_series(a, eng, ask, mode: str, n: int, seed: int) -> tuple[int, di
            "trials": rows}
     print(f"transfer ({mode}) {n} tokens ({res['bytes'] / GIB:.3f} GiB, {res['path']}): fetch {med * 1e3:.2f} ms = "
           f"{res['fetch_gbps']:.1f} GB/s (reply {res['reply_s_median'] * 1e3:.2f} ms, copy "
-          f"{res['copy_s_median'] * 1e3:.2f} ms); with import {res['fetch_import_gbps']:.1f} GB/s; bitwise "
+          f"{res['copy_s_median'] * 1e3:.2f} ms; block runs {[r.get('block_runs') for r in rows]}); with import {res['fetch_import_gbps']:.1f} GB/s; bitwise "
           f"fetched {res['fetched_bitwise']} imported {res['imported_bitwise']}", flush=True)
     return seed, res
 

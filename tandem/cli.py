@@ -115,6 +115,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--local-prefill-max-tokens", type=int, default=256,
                    help="disaggregated: prefill on the decode worker when at most this many prompt tokens are "
                         "uncached there")
+    g.add_argument("--batch-on-prefill-max-tokens", type=int, default=None,
+                   help="disaggregated: serve batch requests with max_tokens <= this whole on a prefill worker "
+                        "(no KV transfer, off the decode pool); default 256, or 0 (off) with --planner or "
+                        "--slo-tpot-ms, whose TPOT SLO covers batch requests too")
     g.add_argument("--prefill-queue-factor", type=float, default=4.0,
                    help="disaggregated: prefill locally when the prefill pool's queue exceeds this multiple of "
                         "the decode worker's")
@@ -178,6 +182,13 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="seconds without a worker status before the worker counts as dead")
     g.add_argument("--worker-ready-timeout", type=float, default=600.0)
     return p
+
+
+def _batch_on_prefill(args) -> int:
+    """--batch-on-prefill-max-tokens, resolved: off when a TPOT SLO applies to every class (see DisaggPolicy)."""
+    if args.batch_on_prefill_max_tokens is not None:
+        return max(0, args.batch_on_prefill_max_tokens)
+    return 0 if args.planner or args.slo_tpot_ms else 256
 
 
 def _engine_config(args, device: str, n_workers: int) -> dict:
@@ -279,7 +290,8 @@ def build_server(args):
         temperature=args.router_temperature)))
     from tandem.frontend.client import DisaggPolicy
     client = EngineClient(runtime.out_addr, router, runtime, heartbeat_timeout=args.heartbeat_timeout,
-                          disagg=DisaggPolicy(args.local_prefill_max_tokens, args.prefill_queue_factor))
+                          disagg=DisaggPolicy(args.local_prefill_max_tokens, args.prefill_queue_factor,
+                                              _batch_on_prefill(args)))
     specs = [WorkerSpec(f"w{i}", model_dir, roles[i] if roles else "both", dict(engine_cfg),
                         gpu=gpus[i] if device == "cuda" else None) for i in range(n)]
 

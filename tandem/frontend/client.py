@@ -166,9 +166,20 @@ class DisaggPolicy:
     queue is long compared with what the decode worker has to do. A long queue never sends a `batch`
     prompt to a decode worker: its prefill would stall every chat decode there (the GPU run of a
     summarization flood, docs/benchmarks.md); batch work waits for the prefill pool, which the planner
-    grows, and a full queue answers 429."""
+    grows, and a full queue answers 429.
+
+    A `batch` request with a short answer (max_tokens <= batch_on_prefill_max_tokens) is served whole on
+    its prefill worker: its KV (375 MB for a 3k-token 8B prompt) is not worth moving for a few hundred
+    tokens, and its decode would share the decode workers' steps with chat (on two H200s it doubled chat
+    TPOT). Its decode rows ride along in the prefill worker's chunked steps, so its TPOT is that of a
+    prefill step: 0 turns the rule off (the server does so when it is given a TPOT SLO to meet)."""
     local_prefill_max_tokens: int = 256        # uncached prompt tokens at or below this: prefill locally
     prefill_queue_factor: float = 4.0          # local when min prefill queue > factor x decode worker's queue
+    batch_on_prefill_max_tokens: int = 256     # batch requests with max_tokens <= this stay on the prefill pool
+
+    def batch_stays_on_prefill(self, h: "RequestHandle") -> bool:
+        mt = h.sampling.get("max_tokens")
+        return h.priority == "batch" and mt is not None and 0 < mt <= self.batch_on_prefill_max_tokens
 
     def local_reason(self, client: "EngineClient", h: "RequestHandle", decode_wid: str,
                      decode_overlap_blocks: int) -> str | None:
@@ -347,6 +358,12 @@ class EngineClient:
         if not has_decode:                        # only prefill workers left: they can still do it all
             wid, ov = self.router.select(h.hashes, n, "prefill", exclude=ex)
             self._count("no_decode_worker")
+            h.phase = "single"
+            self._send_generate(h, wid, ov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
+            return
+        if has_prefill and self.disagg.batch_stays_on_prefill(h):
+            wid, ov = self.router.select(h.hashes, n, "prefill", exclude=ex)
+            self._count("batch_on_prefill")
             h.phase = "single"
             self._send_generate(h, wid, ov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
             return

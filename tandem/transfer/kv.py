@@ -180,11 +180,14 @@ def _block_runs(blocks: list[int]) -> list[tuple[int, int, int]]:
 def copy_blocks(cache: torch.Tensor, blocks: list[int]) -> torch.Tensor:
     """`cache.index_select(2, blocks)` for a (layers, 2, blocks, ...) KV cache, as contiguous copies per
     run of consecutive blocks when there are few runs (on CUDA: copy-engine transfers, even from a
-    peer's mapped memory), else one gather."""
+    peer's mapped memory), else one gather over 8-byte words."""
     runs = _block_runs(blocks)
-    if len(runs) > MAX_COPY_RUNS:
-        return cache.index_select(2, torch.tensor(blocks, dtype=torch.long).to(cache.device))
     rows = cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], -1)          # (layer, K/V) rows
+    if len(runs) > MAX_COPY_RUNS:
+        # one gather over 8-byte words: a bf16 gather reads the link 2 bytes per thread
+        wide = rows.view(torch.int64) if rows.shape[2] * rows.element_size() % 8 == 0 else rows
+        got = wide.index_select(1, torch.tensor(blocks, dtype=torch.long).to(cache.device))
+        return got.view(cache.dtype).view(cache.shape[:2] + (len(blocks),) + cache.shape[3:])
     data = torch.empty(cache.shape[:2] + (len(blocks),) + cache.shape[3:], dtype=cache.dtype, device=cache.device)
     out = data.view(rows.shape[0], len(blocks), rows.shape[2])
     for first, off, n in runs:
@@ -251,7 +254,7 @@ def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float 
         if head.get("direct"):
             try:
                 data = _gather_direct(head, frames[1].bytes, device)
-                ph["path"] = "cuda_direct"
+                ph["path"], ph["runs"] = "cuda_direct", len(_block_runs(head["blocks"]))
             except (RuntimeError, OSError, TypeError) as e:
                 log.warning("kv fetch %s: direct gather from %s failed (%s); retrying with a staged copy",
                             request_id, addr, e)

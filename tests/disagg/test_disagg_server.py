@@ -72,6 +72,25 @@ def test_short_prompt_prefills_locally(disagg, llama_dir):
     assert disagg.cluster()["totals"]["disagg_decisions"]["local_short_uncached"] == before + 1
 
 
+def test_short_batch_request_is_served_whole_on_the_prefill_worker(disagg, llama_dir):
+    """A batch request with a short answer stays on its prefill worker (no KV transfer, no decode-pool
+    step); a longer one, and an interactive one, go through the handoff. Output is greedy-identical."""
+    llm = LLM(llama_dir, device="cpu")
+    p = prompts(1, 40, 9)[0]
+    ref = llm.generate([p], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True))[0]
+    before = disagg.cluster()["totals"]
+    got = complete(disagg, p, priority="batch")
+    assert got["choices"][0]["token_ids"] == ref.token_ids
+    mid = disagg.cluster()["totals"]
+    assert mid["disagg_decisions"].get("batch_on_prefill", 0) == before["disagg_decisions"].get("batch_on_prefill", 0) + 1
+    assert mid["kv_handoffs"] == before["kv_handoffs"]
+    complete(disagg, prompts(1, 40, 10)[0], max_tokens=300, priority="batch")    # over the 256 limit
+    complete(disagg, prompts(1, 40, 11)[0], priority="interactive")
+    after = disagg.cluster()["totals"]
+    assert after["kv_handoffs"] == mid["kv_handoffs"] + 2
+    assert after["disagg_decisions"]["batch_on_prefill"] == mid["disagg_decisions"]["batch_on_prefill"]
+
+
 def test_streaming_through_handoff(disagg, llama_dir):
     import openai
     p = prompts(1, 50, 5)[0]
