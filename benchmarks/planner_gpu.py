@@ -111,6 +111,7 @@ class ClusterPoller(threading.Thread):
         self.url, self.period_s = url, period_s
         self.stop_evt = threading.Event()
         self.decisions: dict[tuple, dict] = {}
+        self.ticks: list[dict] = []
         self.worker_flips: dict[tuple, dict] = {}
         self.role_seen: list[dict] = []
         self._role: dict[str, str] = {}
@@ -132,8 +133,11 @@ class ClusterPoller(threading.Thread):
     def observe(self, c: dict, t: float) -> None:
         self.polls += 1
         self.last = c
-        for d in (c.get("planner") or {}).get("decisions") or []:
+        pl = c.get("planner") or {}
+        for d in pl.get("decisions") or []:
             self.decisions.setdefault((d.get("time"), d.get("action"), d.get("worker_id")), d)
+        if pl.get("last_inputs"):                 # the tick's needs, pressures and regime: why it did (not) flip
+            self.ticks.append({"t": t, "regime": pl.get("regime"), "inputs": pl["last_inputs"]})
         for w in c.get("workers") or []:
             if not w.get("alive"):
                 continue
@@ -173,7 +177,7 @@ def serve_and_bench(a, name: str, pool: list[str], trace: Path, slo: list[str], 
             out["poll"] = {"polls": poller.polls, "errors": poller.errors,
                            "decisions": sorted(poller.decisions.values(), key=lambda d: d["time"]),
                            "worker_flips": sorted(poller.worker_flips.values(), key=lambda f: f["at"]),
-                           "role_seen": poller.role_seen}
+                           "role_seen": poller.role_seen, "ticks": poller.ticks}
         return out
     finally:
         if poller is not None:
@@ -257,6 +261,8 @@ def main(argv=None) -> int:
         res["lost"] = lost_requests(p["report"])
         res["completed_flips"] = (p["cluster"].get("planner") or {}).get("completed_flips")
         res["polls"] = {k: p["poll"][k] for k in ("polls", "errors")}
+        res["decisions"] = p["poll"]["decisions"]          # every decision seen, with its inputs and reason
+        res["ticks"] = p["poll"]["ticks"]                  # the planner's inputs at each poll
     for name, r in runs.items():
         if "report" in r:
             s = r["report"]["summary"]
