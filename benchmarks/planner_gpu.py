@@ -245,8 +245,10 @@ def main(argv=None) -> int:
                  "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
     planner_pool = ["--prefill", "1", "--decode", "1", "--planner", "--planner-profile", a.profile,
                     "--slo-ttft-ms", str(a.slo_ttft_ms), "--slo-tpot-ms", str(a.slo_tpot_ms), *a.planner_args.split()]
+    # the static run routes as the planner run does (its SLO covers batch TPOT: no batch-on-prefill)
+    static_pool = ["--prefill", "1", "--decode", "1", "--batch-on-prefill-max-tokens", "0"]
     runs = {}
-    for name, pool, poll in (("planner", planner_pool, True), ("static_1p1d", ["--prefill", "1", "--decode", "1"], False)):
+    for name, pool, poll in (("planner", planner_pool, True), ("static_1p1d", static_pool, False)):
         try:
             runs[name] = serve_and_bench(a, name, pool, trace, slo, poll)
         except Exception as e:  # noqa: BLE001 - report, and still run the other deployment
