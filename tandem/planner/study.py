@@ -86,9 +86,12 @@ def sim_argv(spec: dict) -> list[str]:
             a += [flag, str(v)]
     if spec.get("block_size"):
         a += ["--block-size", str(spec["block_size"])]
+    # the study (sessions 2-5) ran before the sim took `tandem serve`'s routing and planner defaults:
+    # every prompt prefilled remotely, one prefill worker always kept. Pinned so its numbers reproduce
+    a += ["--local-prefill-tokens", str(spec.get("local_prefill_tokens", 0))]
     pol = spec["policy"]
     if pol in ("planner", "planner-scale"):
-        a += ["--planner", "tandem"]
+        a += ["--planner", "tandem", "--planner-arg", f"min_prefill={spec.get('min_prefill', 1)}"]
         for kv in spec.get("planner_args", []):
             a += ["--planner-arg", kv]
         if pol == "planner-scale":

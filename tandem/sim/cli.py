@@ -69,8 +69,9 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--transfer-gbps", type=_positive(float), default=None,
                    help="KV transfer bandwidth in GB/s (default: the profile's copy_bandwidth_gbps)")
     g.add_argument("--transfer-latency-ms", type=_nonneg(float), default=1.0, help="fixed cost per KV transfer")
-    g.add_argument("--local-prefill-tokens", type=_nonneg(int), default=0,
-                   help="disaggregated: prompts with at most this many uncached tokens prefill on the decode worker")
+    g.add_argument("--local-prefill-tokens", type=_nonneg(int), default=256,
+                   help="disaggregated: prompts with at most this many uncached tokens prefill on the decode worker "
+                        "(default 256, as `tandem serve --local-prefill-max-tokens`; 0: every prompt goes remote)")
     g.add_argument("--request-overhead-ms", type=_nonneg(float), default=None,
                    help="frontend + network time before the router sees a request "
                         "(default: the profile's serving_overhead.request_s, else 0)")

@@ -117,7 +117,8 @@ def make_planner(args, profile: SimProfile, n_gpus: int):
     if name in ("tandem", "default"):
         from tandem.planner.planner import Planner
         from tandem.planner.types import PlannerConfig
-        d = {"tick_s": args.planner_tick}
+        # as `tandem serve --planner` builds it: an empty prefill pool allowed, seats from the engine config
+        d = {"tick_s": args.planner_tick, "min_prefill": 0, "max_num_seqs": args.max_num_seqs}
         if args.slo_ttft_ms:
             d["slo_ttft_ms"] = args.slo_ttft_ms
         if args.slo_tpot_ms:

@@ -82,7 +82,7 @@ def test_disaggregated_flow_accounts_transfer_time(profile_dict):
 
 def test_disaggregated_under_load_moves_every_request(profile_dict):
     specs = random_reqs(200, seed=4, rate=100.0, osl=(2, 80))
-    report, cluster = run(profile_dict, specs, "--prefill", "2", "--decode", "2")
+    report, cluster = run(profile_dict, specs, "--prefill", "2", "--decode", "2", "--local-prefill-tokens", "0")
     pws = [w for w in cluster.workers if w.role == "prefill"]
     dws = [w for w in cluster.workers if w.role == "decode"]
     assert sum(w.engine._stats.generated_tokens for w in pws) == 200          # first tokens
