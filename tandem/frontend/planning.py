@@ -156,7 +156,7 @@ class ServerPlanner:
 
     def __init__(self, client, profile, config: PlannerConfig, window_s: float = 5.0, spawn=None,
                  terminate=None):
-        self.window = WindowStats(window_s)
+        self.window = WindowStats(window_s, config.slo_ttft_ms, config.slo_tpot_ms)
         self.planner = Planner(config, profile)
         self.connector = LocalConnector(client, spawn=spawn, terminate=terminate)
         self.loop = PlannerLoop(self.planner, self.connector,

@@ -7,6 +7,8 @@ Record request events as they happen, then ask for a view::
     win.on_first_token(t, "interactive", ttft_s=0.21, queue_wait_s=0.05)
     win.on_tokens(t, "interactive", 1)                  # tokens generated (any granularity)
     win.on_finish(t, "interactive", output_tokens=230, tpot_s=0.031)
+    # with slo_ttft_ms / slo_tpot_ms given, each class also counts its first tokens and finishes
+    # over those SLOs (the planner weighs flap damping with them)
     view = win.view(now, workers)                      # ClusterView over [now - window_s, now]
 
 Pure Python, no clock of its own, O(events in the window) per view.
@@ -34,10 +36,12 @@ def percentile(values: list[float], q: float) -> Optional[float]:
 
 
 class WindowStats:
-    def __init__(self, window_s: float = 5.0) -> None:
+    def __init__(self, window_s: float = 5.0, slo_ttft_ms: Optional[float] = None,
+                 slo_tpot_ms: Optional[float] = None) -> None:
         if not window_s > 0:
             raise ValueError("window_s must be > 0")
         self.window_s = float(window_s)
+        self.slo_ttft_ms, self.slo_tpot_ms = slo_ttft_ms, slo_tpot_ms     # for the SLO miss counts
         self._arr: dict[str, deque] = defaultdict(deque)      # (t, prompt, uncached)
         self._first: dict[str, deque] = defaultdict(deque)    # (t, ttft_s)
         self._fin: dict[str, deque] = defaultdict(deque)      # (t, output_tokens, tpot_s|None)
@@ -80,6 +84,11 @@ class WindowStats:
             arr, first, fin, tok = self._arr[c], self._first[c], self._fin[c], self._tok[c]
             ttfts = [x[1] * 1000 for x in first]
             tpots = [x[2] * 1000 for x in fin if x[2] is not None]
+            events = misses = 0
+            for slo, vals in ((self.slo_ttft_ms, ttfts), (self.slo_tpot_ms, tpots)):
+                if slo:
+                    events += len(vals)
+                    misses += sum(1 for v in vals if v > slo)
             out[c] = ClassStats(
                 arrivals=len(arr), prompt_tokens=sum(x[1] for x in arr),
                 uncached_prompt_tokens=sum(x[2] for x in arr),
@@ -90,7 +99,8 @@ class WindowStats:
                 ttft_p50_ms=percentile(ttfts, 50), ttft_p90_ms=percentile(ttfts, 90),
                 tpot_p50_ms=percentile(tpots, 50), tpot_p90_ms=percentile(tpots, 90),
                 ttft_mean_ms=(sum(ttfts) / len(ttfts)) if ttfts else None,
-                tpot_mean_ms=(sum(tpots) / len(tpots)) if tpots else None)
+                tpot_mean_ms=(sum(tpots) / len(tpots)) if tpots else None,
+                slo_events=events, slo_misses=misses)
         return out
 
     def view(self, now: float, workers: list[WorkerView]) -> ClusterView:

@@ -234,7 +234,9 @@ class SimCluster:
         if planner is not None:
             try:
                 from tandem.planner.window import WindowStats
-                self.window = WindowStats(config.planner_window_s)
+                pc = getattr(planner, "cfg", None)
+                self.window = WindowStats(config.planner_window_s, getattr(pc, "slo_ttft_ms", None),
+                                          getattr(pc, "slo_tpot_ms", None))
             except ImportError:
                 self.window = None
 

@@ -107,3 +107,16 @@ def test_window_stats_view():
     assert percentile([], 90) is None and percentile([1, 2, 3, 4], 50) == 2.5
     json.dumps(v.to_dict(), allow_nan=False)
     assert ClusterView.from_dict(v.to_dict()).now == 100
+    assert c.slo_events == 0                        # no SLO given: nothing judged
+
+
+def test_window_counts_slo_misses():
+    """With SLOs, each first token and each finish is judged: the planner's flap-damping trial
+    compares these shares before and during damping."""
+    w = WindowStats(window_s=10, slo_ttft_ms=500, slo_tpot_ms=50)
+    for i, (ttft, tpot) in enumerate([(0.1, 0.02), (0.7, 0.02), (0.2, 0.08), (0.9, 0.09)]):
+        w.on_first_token(i, "chat", ttft)
+        w.on_finish(i + 0.5, "chat", 10, tpot_s=tpot)
+    c = w.view(5, []).classes["chat"]
+    assert (c.slo_events, c.slo_misses) == (8, 4)
+    assert ClusterView.from_dict(w.view(5, []).to_dict()).classes["chat"].slo_misses == 4
