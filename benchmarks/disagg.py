@@ -370,7 +370,49 @@ def cmd_kv_decode(a) -> None:
         results.append(res)
     served = ask({"op": "stats"})
     ask({"op": "quit"})
-    print(json.dumps({"results": results, "served": served}), flush=True)
+    try:
+        gather = _gather_variants(eng)
+    except Exception as e:  # noqa: BLE001 - a diagnostic: never lose the rows above for it
+        gather = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps({"results": results, "served": served, "gather_variants": gather}), flush=True)
+
+
+def _gather_variants(eng, n_blocks: int = 512, reps: int = 10) -> dict | None:
+    """How fast each way of reading n_blocks of the peer's mapped KV cache is (the direct path's
+    copy; no ZMQ): per-run contiguous copies (what `copy_blocks` does for few runs), one gather
+    kernel over bf16 and over 8-byte words, and one contiguous copy of the same bytes (the link's
+    ceiling), for one run of blocks and for every other block. CUDA only (needs a mapped peer)."""
+    import torch
+    from tandem.transfer.kv import _PEER_CACHES, copy_blocks
+    if not _PEER_CACHES:
+        return None
+    peer = next(iter(_PEER_CACHES.values()))
+    n = min(n_blocks, peer.shape[2] // 2 - 1)
+    rows = peer.view(peer.shape[0] * peer.shape[1], peer.shape[2], -1)
+    nbytes = rows.shape[0] * n * rows.shape[2] * rows.element_size()
+    flat = peer.view(-1)
+    out: dict = {"blocks": n, "bytes": nbytes}
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+        return _bytes_gbps(nbytes * reps, time.perf_counter() - t0)
+
+    for name, blocks in (("one_run", list(range(n))), ("every_other", list(range(0, 2 * n, 2)))):
+        idx = torch.tensor(blocks, dtype=torch.long, device=peer.device)
+        out[name] = {
+            "copy_blocks": timed(lambda: copy_blocks(peer, blocks)),
+            "index_select_bf16": timed(lambda: peer.index_select(2, idx)),
+            "index_select_i64": timed(lambda: rows.view(torch.int64).index_select(1, idx)),
+        }
+    out["contiguous_copy"] = timed(lambda: flat[:nbytes // flat.element_size()].clone())
+    print("gather variants (GB/s over the link, " + f"{n} blocks = {nbytes / GIB:.2f} GiB): "
+          + json.dumps({k: v for k, v in out.items() if k not in ("blocks", "bytes")}), flush=True)
+    return out
 
 
 def part_transfer(a, peer: dict | None) -> dict:
@@ -389,6 +431,8 @@ def part_transfer(a, peer: dict | None) -> dict:
         stop(dec)
         stop(pre)
     ref = (peer or {}).get("ipc_gbps")
+    if res.get("gather_variants"):
+        log(f"gather variants: {json.dumps(res['gather_variants'])}")
     for r in res["results"]:
         r["ratio_vs_ipc_peer_copy"] = r["fetch_gbps"] / ref if ref and "fetch_gbps" in r else None
     return res
