@@ -163,7 +163,7 @@ class Planner:
         drain = m["prefill_backlog"] / (n_pf * cap_p) if n_pf > 0 and cap_p > 0 else 0.0
         m["prefill_queue_s"] = drain
         why = self._pressure_why
-        queue_miss = drain > cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac
+        queue_miss = drain > cfg.ttft_target_s
         if queue_miss:
             m["prefill_pressure"] = True
             why["prefill"].append(f"queued prompts need {drain:.1f}s to prefill")
@@ -465,7 +465,7 @@ class Planner:
         chunk = min(isl, float(self.profile.chunk_tokens))
         batch = max(1.0, nonneg(demand.decode_inflight) / G)
         step = self.profile.decode_step_time(batch, max(nonneg(demand.context), 1.0))
-        tpot = cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac
+        tpot = cfg.tpot_target_s
         return step + self.profile.prefill_time(chunk) <= tpot
 
     def _evidence_keep(self, m: dict, pred: dict, G: int, P: int) -> tuple[int, int]:
@@ -497,7 +497,7 @@ class Planner:
         # context of what arrives now (a swing changes it)
         ctx = m["decode_context"] or pred["context"]
         b, _, _ = self.profile.max_decode_batch(
-            max(ctx, 1.0), cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac, cfg.kv_util_max,
+            max(ctx, 1.0), cfg.tpot_target_s, cfg.kv_util_max,
             m["kv_capacity"], cfg.max_num_seqs)
         seats = math.ceil(nonneg(m["decode_inflight"]) / max(b, 1) - 1e-9)
         return (max(cfg.min_prefill, n.prefill),
@@ -670,8 +670,7 @@ class Planner:
     def _needed(self, demand: Demand, m: dict, G: int) -> Any:
         """Workers per pool for `demand` under the configured SLO targets and limits."""
         cfg = self.cfg
-        return workers_needed(demand, self.profile, cfg.slo_ttft_ms / 1000 * cfg.ttft_target_frac,
-                              cfg.slo_tpot_ms / 1000 * cfg.tpot_target_frac,
+        return workers_needed(demand, self.profile, cfg.ttft_target_s, cfg.tpot_target_s,
                               prefill_util_max=cfg.prefill_util_max,
                               decode_util_max=cfg.decode_util_max, kv_frac=cfg.kv_util_max,
                               drain_s=cfg.backlog_drain_s, kv_capacity_tokens=m["kv_capacity"],

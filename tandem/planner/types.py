@@ -282,6 +282,16 @@ class PlannerConfig:
     def scaling(self) -> bool:
         return self.min_gpus is not None or self.max_gpus is not None
 
+    @property
+    def ttft_target_s(self) -> float:
+        """The TTFT the planner sizes for: the SLO less its margin (`ttft_target_frac`)."""
+        return self.slo_ttft_ms / 1000 * self.ttft_target_frac
+
+    @property
+    def tpot_target_s(self) -> float:
+        """The TPOT the planner sizes for: the SLO less its margin (`tpot_target_frac`)."""
+        return self.slo_tpot_ms / 1000 * self.tpot_target_frac
+
     def to_dict(self) -> dict:
         return _jsonable(asdict(self))
 
