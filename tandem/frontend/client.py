@@ -355,15 +355,13 @@ class EngineClient:
         ex = h.failed_workers
         has_prefill = bool([w for w in self.alive_workers(("prefill",)) if w.worker_id not in ex])
         has_decode = bool([w for w in self.alive_workers(("decode", "both")) if w.worker_id not in ex])
-        if not has_decode:                        # only prefill workers left: they can still do it all
+        # served whole on a prefill worker: only prefill workers are left (they can still do it all),
+        # or a short batch request (see DisaggPolicy)
+        whole = "no_decode_worker" if not has_decode else \
+            "batch_on_prefill" if has_prefill and self.disagg.batch_stays_on_prefill(h) else None
+        if whole is not None:
             wid, ov = self.router.select(h.hashes, n, "prefill", exclude=ex)
-            self._count("no_decode_worker")
-            h.phase = "single"
-            self._send_generate(h, wid, ov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
-            return
-        if has_prefill and self.disagg.batch_stays_on_prefill(h):
-            wid, ov = self.router.select(h.hashes, n, "prefill", exclude=ex)
-            self._count("batch_on_prefill")
+            self._count(whole)
             h.phase = "single"
             self._send_generate(h, wid, ov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
             return

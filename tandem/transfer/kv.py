@@ -249,7 +249,9 @@ def fetch_kv(addr: str, request_id: str, start_block: int = 0, timeout_s: float 
         if head.get("direct"):
             try:
                 data = _gather_direct(head, frames[1].bytes, device)
-                ph["path"], ph["runs"] = "cuda_direct", len(_block_runs(head["blocks"]))
+                ph["path"] = "cuda_direct"
+                if phases is not None:            # a benchmark's breakdown: not worth a pass per serving fetch
+                    ph["runs"] = len(_block_runs(head["blocks"]))
             except (RuntimeError, OSError, TypeError) as e:
                 log.warning("kv fetch %s: direct gather from %s failed (%s); retrying with a staged copy",
                             request_id, addr, e)
