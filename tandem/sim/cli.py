@@ -64,6 +64,12 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--router-impl", choices=("indexed", "base"), default="indexed",
                    help="indexed: KvRouter with O(log workers) selection, same decisions (default); "
                         "base: KvRouter as is (O(requests in flight) per decision)")
+    g.add_argument("--shards", type=_positive(int), default=1, metavar="K",
+                   help="K independent domains (a router, and planner, each over 1/K of the workers and "
+                        "of the requests), merged into one report; 1 (default): one router over all")
+    g.add_argument("--jobs", type=_positive(int), default=None, metavar="J",
+                   help="processes running the --shards domains (default: one per core, at most K); "
+                        "the result does not depend on it")
     g.add_argument("--publish-interval", type=_positive(float), default=0.25,
                    help="seconds between worker status / KV event reports to the router (virtual)")
     g.add_argument("--transfer-gbps", type=_positive(float), default=None,

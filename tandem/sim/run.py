@@ -185,8 +185,9 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
     return out
 
 
-def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster]:
-    """Run the simulation for planned requests; returns (report, cluster)."""
+def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster | None]:
+    """Run the simulation for planned requests; returns (report, cluster); the cluster is None
+    with `--shards` > 1 (its domains ran in other processes)."""
     from tandem.bench.cli import _parse_slos, _shape
     from tandem.bench.report import build_report, load_config
     profile = SimProfile.load(args.profile) if isinstance(args.profile, str) else SimProfile.coerce(args.profile)
@@ -220,19 +221,54 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         token_times=tt, seed=args.seed, engine=ecfg,
         router_impl=getattr(args, "router_impl", "indexed"),
         keep_records=getattr(args, "records", "all") != "none")
-    planner, planner_cfg = make_planner(args, profile, len(roles))
     slo_by_class = _parse_slos(args.slo or [])
     started = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    cluster = SimCluster(profile, ccfg, reqs, planner=planner)
-    w0, c0 = time.perf_counter(), time.process_time()
-    cluster.run(progress=progress)
-    wall, cpu = time.perf_counter() - w0, time.process_time() - c0
-    records = cluster.records()
-    e0 = cluster.workers[0].engine
-    scaling = planner is not None and (args.min_gpus is not None or args.max_gpus is not None or args.planner == "dynamo")
-    virtual = cluster.now
-    steps = sum(w.engine._stats.steps for w in cluster.workers)
-    win_steps = sum(w.engine.window_steps for w in cluster.workers)
+    K = int(getattr(args, "shards", 1) or 1)
+    cluster = None
+    w0 = time.perf_counter()
+    if K > 1:
+        from tandem.sim.shards import ShardError, merge_columns, merge_timelines, run_domains
+        try:
+            parts = run_domains(args, profile, ccfg, reqs, roles, K, getattr(args, "jobs", None), make_planner)
+        except ShardError as e:
+            raise SimInputError(str(e)) from None
+        wall = time.perf_counter() - w0
+        cpu = sum(p.cpu_s for p in parts)
+        planner_cfg = parts[0].planner_config
+        decisions = sorted((d for p in parts for d in p.decisions), key=lambda d: (d.get("t", 0.0), d["domain"]))
+        timeline = merge_timelines([p.timeline for p in parts])
+        columns, records = merge_columns([p.columns for p in parts]), None
+        stats = {"virtual": max(p.virtual_s for p in parts), "events": sum(p.events for p in parts),
+                 "steps": sum(p.engine_steps for p in parts), "win_steps": sum(p.window_steps for p in parts),
+                 "preemptions": sum(p.preemptions for p in parts),
+                 "gpu_seconds": sum(p.gpu_seconds for p in parts),
+                 "leaks": {w: v for p in parts for w, v in p.leaks.items()},
+                 "num_kv_blocks": parts[0].num_kv_blocks}
+        shard_info = {"domains": K, "jobs": max(1, min(K, getattr(args, "jobs", None) or _cores())),
+                      "split": "prefix" if any(r.hash_ids for r in getattr(reqs, "base", reqs)) else "random",
+                      "per_domain": [{"workers": len(p.roles), "roles": {r: p.roles.count(r) for r in
+                                                                        ("prefill", "decode", "both")
+                                                                        if p.roles.count(r)},
+                                      "requests": p.requests, "virtual_s": round(p.virtual_s, 6),
+                                      "cpu_s": round(p.cpu_s, 3), "events": p.events} for p in parts]}
+    else:
+        planner, planner_cfg = make_planner(args, profile, len(roles))
+        cluster = SimCluster(profile, ccfg, reqs, planner=planner)
+        w0, c0 = time.perf_counter(), time.process_time()
+        cluster.run(progress=progress)
+        wall, cpu = time.perf_counter() - w0, time.process_time() - c0
+        decisions, timeline, columns = cluster.decisions, cluster.timeline, cluster.columns
+        records = cluster.records() if columns is None else None
+        stats = {"virtual": cluster.now, "events": cluster.events,
+                 "steps": sum(w.engine._stats.steps for w in cluster.workers),
+                 "win_steps": sum(w.engine.window_steps for w in cluster.workers),
+                 "preemptions": sum(w.engine.scheduler.num_preemptions for w in cluster.workers),
+                 "gpu_seconds": cluster.gpu_seconds(), "leaks": cluster.leaks(),
+                 "num_kv_blocks": cluster.workers[0].engine.kv.pool.num_blocks}
+        shard_info = None
+    scaling = planner_cfg is not None and (args.min_gpus is not None or args.max_gpus is not None
+                                           or args.planner == "dynamo")
+    virtual = stats["virtual"]
     config = {
         "tool": "tandem sim",
         "version": _version(),
@@ -268,8 +304,8 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
             "router_mode": args.router_mode,
             "planner": args.planner or None,
             "planner_config": planner_cfg,
-            "planner_decisions": cluster.decisions,
-            "engine": {"block_size": bs, "num_kv_blocks": e0.kv.pool.num_blocks,
+            "planner_decisions": decisions,
+            "engine": {"block_size": bs, "num_kv_blocks": stats["num_kv_blocks"],
                        "max_num_seqs": ecfg.max_num_seqs,
                        "max_num_batched_tokens": ecfg.max_num_batched_tokens,
                        "max_model_len": ecfg.max_model_len, "prefix_caching": caching == "on",
@@ -289,19 +325,26 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
             "speedup": round(virtual / wall, 2) if wall > 0 else None,
             "cpu_s": round(cpu, 3),
             "speedup_cpu": round(virtual / cpu, 2) if cpu > 0 else None,
-            "events": cluster.events,
-            "engine_steps": steps,
-            "window_steps": win_steps,
-            "preemptions": sum(w.engine.scheduler.num_preemptions for w in cluster.workers),
-            "gpu_hours_in_service": round(cluster.gpu_seconds() / 3600.0, 6),
-            "kv_leaks": cluster.leaks(),
+            "events": stats["events"],
+            "engine_steps": stats["steps"],
+            "window_steps": stats["win_steps"],
+            "preemptions": stats["preemptions"],
+            "gpu_hours_in_service": round(stats["gpu_seconds"] / 3600.0, 6),
+            "kv_leaks": stats["leaks"],
         },
     }
-    if cluster.columns is not None:          # --records none: the summary from columns
-        report = report_from_columns(config, cluster.columns, cluster.timeline)
+    if shard_info is not None:
+        config["sim"]["shards"] = shard_info
+    if columns is not None:          # --records none (and --shards > 1): the summary from columns
+        report = report_from_columns(config, columns, timeline)
     else:
-        report = build_report(config, records, cluster.timeline)
+        report = build_report(config, records, timeline)
     return report, cluster
+
+
+def _cores() -> int:
+    from tandem.sim.shards import _cores as cores
+    return cores()
 
 
 def _version() -> str:

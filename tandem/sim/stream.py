@@ -82,6 +82,19 @@ class ReplicatedRequests:
                 yield make(idx, k, t_k, dicts)
                 idx += 1
 
+    def iter_positions(self, positions: np.ndarray):
+        """The requests at these stream positions (ascending), with their global idx: one domain's
+        share of the stream (`tandem.sim.shards`), without building the others'."""
+        dicts = [dict(r.__dict__) for r in self.base]
+        make = self._make
+        order, t = self._order, self._t
+        C = 65536
+        for lo in range(0, len(positions), C):
+            ps = positions[lo:lo + C]
+            ks = order[ps]
+            for idx, k, t_k in zip(ps.tolist(), ks.tolist(), t[ks].tolist()):
+                yield make(idx, k, t_k, dicts)
+
     def __getitem__(self, idx: int):
         idx = range(len(self))[idx]
         k = int(self._order[idx])

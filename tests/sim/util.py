@@ -64,4 +64,9 @@ def stable(report: dict) -> dict:
         r["config"].pop(k, None)
     for k in VOLATILE_SIM:
         r["config"]["sim"].pop(k, None)
+    sh = r["config"]["sim"].get("shards")
+    if sh:                                   # how many processes ran the domains, and their CPU time
+        sh.pop("jobs")
+        for d in sh["per_domain"]:
+            d.pop("cpu_s")
     return r
