@@ -155,3 +155,36 @@ def test_predicted_decode_shortfall_flips_before_the_held_peak_expires(prof):
     assert [(d.worker_id, d.to_role) for d in flips] == [("p0", "decode")], pl.last_inputs
     assert t - 105.0 <= 1.0                            # within a second of the swing, hold or not
     assert "feedback" not in flips[0].reason          # on the prediction, no measured miss needed
+
+
+def test_measured_prompts_empty_the_prefill_pool_before_the_prediction_decays(prof):
+    """Summarization -> chat on 1P1D over budget: the predicted prompt load (0.6 workers) takes
+    ~10 s to decay below what the decode workers can absorb, but the last window's prompts (chat:
+    small) can be absorbed now, so the prefill worker goes to decode on the first tick of the chat
+    window (the GPU run's 4.5 s wait at a chat burst; without the measured test: no flip in 10 s)."""
+    pl = Planner(cfg(peak_window_s=4, donor_memory_s=10, min_dwell_s=1, tick_s=0.25), prof)
+    summ = {"summarize": ClassStats(arrivals=8, prompt_tokens=8 * 3000, completions=8,
+                                    output_tokens=8 * 100)}
+    ws = [WorkerView("p0", "prefill", num_running=1), WorkerView("d0", "decode", num_running=10, kv_usage=0.05)]
+    for k in range(40):
+        assert not [d for d in pl.tick(view(100.0 + 0.25 * k, ws, summ)) if d.action == "flip"]
+    assert pl.last_inputs["capacity"]["offered_workers"] > 0.5 and not pl.last_inputs["aggregated"]
+    chat = {"chat": ClassStats(arrivals=60, prompt_tokens=60 * 200, completions=2, output_tokens=2 * 800)}
+    ws = [WorkerView("p0", "prefill"), WorkerView("d0", "decode", num_running=60, kv_usage=0.1)]
+    flips = [d for d in pl.tick(view(110.0, ws, chat)) if d.action == "flip"]
+    assert [(d.worker_id, d.to_role) for d in flips] == [("p0", "decode")], pl.last_inputs["move"]
+    i = pl.last_inputs
+    assert i["aggregated"] and i["aggregated_on_measured"]
+    assert i["capacity"]["offered_workers"] > 0.5          # the prediction alone would not absorb it
+
+
+def test_measured_prompts_do_not_empty_a_busy_prefill_pool(prof):
+    """The measured test needs the measured prompts to be small: a long-prompt window keeps 1P1D."""
+    pl = Planner(cfg(peak_window_s=4, donor_memory_s=10, min_dwell_s=1, tick_s=0.25), prof)
+    summ = {"summarize": ClassStats(arrivals=8, prompt_tokens=8 * 3000, completions=8,
+                                    output_tokens=8 * 100),
+            "chat": ClassStats(arrivals=60, prompt_tokens=60 * 200, completions=2, output_tokens=2 * 800)}
+    ws = [WorkerView("p0", "prefill", num_running=1), WorkerView("d0", "decode", num_running=60, kv_usage=0.1)]
+    for k in range(20):
+        assert not [d for d in pl.tick(view(100.0 + 0.25 * k, ws, summ)) if d.action == "flip"]
+        assert not pl.last_inputs["aggregated_on_measured"]
