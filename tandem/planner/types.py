@@ -219,6 +219,7 @@ class PlannerConfig:
     flap_half_life_s: float = 120.0
     flap_hold_s: float = 60.0
     flap_trial_margin: float = 0.05          # damping that misses this much more of the SLO is lifted (0: never)
+    flap_trial_min_s: float = 10.0           # the trial judges damping after this long (at most flap_hold_s / 2)
     high_watermark: float = 0.8              # balance moves only when the bottleneck is above this
     max_flips_per_tick: int = 0              # 0: auto = max(1, round(flip_frac_per_tick x GPUs))
     flip_frac_per_tick: float = 0.15         # 64 GPUs: 9 a tick (0.05 took ~11 s to carry a swing edge)
@@ -264,7 +265,8 @@ class PlannerConfig:
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
                      "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s",
-                     "flap_suppress", "flap_reuse", "flap_half_life_s", "flap_hold_s", "flap_trial_margin"):
+                     "flap_suppress", "flap_reuse", "flap_half_life_s", "flap_hold_s", "flap_trial_margin",
+                     "flap_trial_min_s"):
             if not finite(getattr(self, name), -1) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not finite(self.predictor_half_life_s, -1) > 0:

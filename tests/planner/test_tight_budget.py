@@ -82,3 +82,8 @@ def test_damping_is_lifted_where_the_flips_serve_the_phases():
     kept, kept_flips = _gpu_bursty("flap_trial_margin=0")
     assert len(kept_flips) == 4 and len(flips) > 4              # damped from the 4th flip on; lifted later
     assert lifted >= kept + 0.04, (lifted, kept)
+    # judged after 10 s of damping (flap_trial_min_s), the chat burst at 80 s gets its flip within
+    # 10 s; judged after 30 s (the first version) it waited until 92.75 s
+    assert [f for f in flips if 80.0 <= f["time"] < 90.0], [f["time"] for f in flips]
+    slow, slow_flips = _gpu_bursty("flap_trial_min_s=30")
+    assert not [f for f in slow_flips if 80.0 <= f["time"] < 90.0] and lifted > slow
