@@ -235,7 +235,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         wall = time.perf_counter() - w0
         cpu = sum(p.cpu_s for p in parts)
         planner_cfg = parts[0].planner_config
-        decisions = sorted((d for p in parts for d in p.decisions), key=lambda d: (d.get("t", 0.0), d["domain"]))
+        decisions = sorted((d for p in parts for d in p.decisions), key=lambda d: (d.get("time", 0.0), d["domain"]))
         timeline = merge_timelines([p.timeline for p in parts])
         columns, records = merge_columns([p.columns for p in parts]), None
         stats = {"virtual": max(p.virtual_s for p in parts), "events": sum(p.events for p in parts),

@@ -26,7 +26,7 @@ import copy
 import multiprocessing as mp
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -58,13 +58,13 @@ class DomainResult:
     virtual_s: float
     cpu_s: float
     num_kv_blocks: int
-    extra: dict = field(default_factory=dict)
 
 
 # ------------------------------------------------------------------------------------ splitting
 
 def split_roles(roles: list[str], K: int) -> list[list[str]]:
-    """Deal each role's workers over K domains (counts differ by at most one per role)."""
+    """Deal each role's workers over K domains, each role going on from where the last one stopped
+    (per-role and total counts differ by at most one)."""
     if K > len(roles):
         raise ShardError(f"--shards {K} is more than the {len(roles)} workers")
     out: list[list[str]] = [[] for _ in range(K)]
@@ -111,9 +111,8 @@ def assign(reqs, K: int, seed: int) -> np.ndarray:
     h0 = np.array([r.hash_ids[0] if r.hash_ids else -1 for r in base], dtype=np.int64)
     ns = np.array([r.namespace for r in base], dtype=np.int64)
     if isinstance(reqs, ReplicatedRequests):
-        kflat = reqs._order
-        i = kflat % len(base)
-        ns_all = ns[i] + (kflat // len(base)) * reqs._nss
+        i, copy_no = reqs.base_index()
+        ns_all = ns[i] + copy_no * reqs.namespace_stride
         h_all = h0[i]
     else:
         ns_all, h_all = ns, h0

@@ -100,6 +100,16 @@ class ReplicatedRequests:
         k = int(self._order[idx])
         return self._make(idx, k, float(self._t[k]), [r.__dict__ for r in self.base])
 
+    def base_index(self) -> tuple[np.ndarray, np.ndarray]:
+        """(base request index, copy number) of every stream position."""
+        n = len(self.base)
+        return self._order % n, self._order // n
+
+    @property
+    def namespace_stride(self) -> int:
+        """Copy c's prefix namespaces are the base's + c x this (copies never share prefixes)."""
+        return self._nss
+
     def arrivals(self) -> np.ndarray:
         return self._t[self._order]
 

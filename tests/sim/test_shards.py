@@ -7,6 +7,7 @@ from tandem.sim.run import SimInputError
 from tandem.sim.shards import assign, merge_columns, merge_timelines, split_roles
 from tandem.sim.stream import RecordColumns, ReplicatedRequests
 from tests.sim.util import random_reqs, run, stable
+from tests.sim.util import reqs as make_reqs
 
 
 def _summary_counts(rep):
@@ -55,13 +56,21 @@ def test_sharded_latency_close_to_one_router(profile_dict):
 
 
 def test_planner_per_domain(profile_dict):
-    reqs = random_reqs(300, seed=5, rate=80.0)
+    """Each domain runs its own planner over its 1P1D; a summarization -> chat swing makes both flip."""
+    import random
+    rng = random.Random(5)
+    specs = [(i * 0.05, rng.randint(3000, 4000), rng.randint(2, 8), "batch") for i in range(120)]
+    specs += [(6.0 + i * 0.01, rng.randint(50, 200), rng.randint(150, 250)) for i in range(900)]
+    reqs = make_reqs(specs)
     rep, _ = run(profile_dict, reqs, "--prefill", "2", "--decode", "2", "--shards", "2", "--jobs", "1",
-                 "--planner", "--slo-ttft-ms", "500", "--slo-tpot-ms", "60")
+                 "--planner", "--slo-ttft-ms", "500", "--slo-tpot-ms", "60", "--planner-tick", "0.5")
     sh = rep["config"]["sim"]["shards"]
     assert [d["roles"] for d in sh["per_domain"]] == [{"prefill": 1, "decode": 1}] * 2
-    assert rep["summary"]["overall"]["requests_completed"] == 300
-    assert all(d["domain"] in (0, 1) for d in rep["config"]["sim"]["planner_decisions"])
+    assert rep["summary"]["overall"]["requests_completed"] == len(reqs)
+    ds = rep["config"]["sim"]["planner_decisions"]
+    assert ds and all(d["domain"] in (0, 1) for d in ds)
+    assert [d["time"] for d in ds] == sorted(d["time"] for d in ds)      # one timeline of decisions
+    assert {d["domain"] for d in ds if d["action"] == "flip"} == {0, 1}
 
 
 def test_split_roles_and_errors():
