@@ -229,7 +229,8 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
     if K > 1:
         from tandem.sim.shards import ShardError, merge_columns, merge_timelines, run_domains
         try:
-            parts = run_domains(args, profile, ccfg, reqs, roles, K, getattr(args, "jobs", None), make_planner)
+            parts = run_domains(args, profile, ccfg, reqs, roles, K, getattr(args, "jobs", None), make_planner,
+                                progress=progress)
         except ShardError as e:
             raise SimInputError(str(e)) from None
         wall = time.perf_counter() - w0

@@ -153,6 +153,27 @@ class _Job:
     roles: list
     budgets: list
     make_planner: object
+    board: object                # per domain (virtual time, requests ended), shared with the children
+
+
+class Progress:
+    """What the CLI's progress line reads (`now`, `sent`, `completed`, `failed`) over all domains:
+    the mean of their virtual times (a domain not started yet counts 0, so it grows like the work
+    done) and the requests ended in all of them."""
+
+    def __init__(self, board, K: int):
+        self.board, self.K = board, K
+
+    @property
+    def now(self) -> float:
+        return sum(self.board[2 * k] for k in range(self.K)) / self.K
+
+    @property
+    def completed(self) -> int:
+        return int(sum(self.board[2 * k + 1] for k in range(self.K)))
+
+    sent = completed
+    failed = 0
 
 
 def _run_domain(k: int) -> DomainResult:
@@ -164,8 +185,13 @@ def _run_domain(k: int) -> DomainResult:
     cfg = replace(job.ccfg, roles=job.roles[k], seed=job.ccfg.seed + k, keep_records=False)
     sub = DomainRequests(job.reqs, job.positions[k])
     cluster = SimCluster(job.profile, cfg, sub, planner=planner)
+    board = job.board
+
+    def tell(c) -> None:             # at each timeline sample (1 s virtual)
+        board[2 * k], board[2 * k + 1] = c.now, c.completed + c.failed
     c0 = time.process_time()
-    cluster.run()
+    cluster.run(progress=tell)
+    tell(cluster)
     cpu = time.process_time() - c0
     return DomainResult(
         k=k, roles=job.roles[k], requests=len(sub), columns=cluster.columns, timeline=cluster.timeline,
@@ -178,8 +204,9 @@ def _run_domain(k: int) -> DomainResult:
 
 
 def run_domains(args, profile, ccfg, reqs, roles: list[str], K: int, jobs: int | None,
-                make_planner) -> list[DomainResult]:
-    """Run K domains on `jobs` processes (forked; 1: in this process, one after another)."""
+                make_planner, progress=None) -> list[DomainResult]:
+    """Run K domains on `jobs` processes (forked; 1: in this process, one after another);
+    `progress(Progress)` is called about twice a second while they run."""
     global _JOB
     if getattr(args, "max_concurrency", None):
         raise ShardError("--max-concurrency caps one client's requests in flight; it cannot be split "
@@ -191,13 +218,20 @@ def run_domains(args, profile, ccfg, reqs, roles: list[str], K: int, jobs: int |
             raise ShardError(f"--min-gpus {args.min_gpus} gives domain {k} no GPU; use fewer shards")
     dom = assign(reqs, K, args.seed)
     positions = [np.flatnonzero(dom == k) for k in range(K)]
-    _JOB = _Job(args, profile, ccfg, reqs, positions, droles, list(zip(mins, maxs)), make_planner)
+    ctx = mp.get_context("fork")
+    board = ctx.RawArray("d", 2 * K)
+    _JOB = _Job(args, profile, ccfg, reqs, positions, droles, list(zip(mins, maxs)), make_planner, board)
     jobs = max(1, min(K, jobs or _cores()))
     try:
         if jobs == 1:
             return [_run_domain(k) for k in range(K)]
-        with mp.get_context("fork").Pool(jobs, maxtasksperchild=1) as pool:   # a fresh heap per domain
-            return pool.map(_run_domain, range(K), chunksize=1)
+        with ctx.Pool(jobs, maxtasksperchild=1) as pool:   # a fresh heap per domain
+            res = pool.map_async(_run_domain, range(K), chunksize=1)
+            while not res.ready():
+                res.wait(0.5)
+                if progress is not None:
+                    progress(Progress(board, K))
+            return res.get()
     finally:
         _JOB = None
 

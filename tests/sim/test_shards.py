@@ -142,3 +142,10 @@ def test_merge_timelines_step_functions():
     assert m[0]["busy_frac"] is None and m[1]["busy_frac"] == 0.4
     assert m[2]["busy_frac"] == pytest.approx((1.0 * 2 + 0.4) / 3, abs=1e-4)
     assert m[0]["kv_usage"] == pytest.approx((0.5 * 2 + 0.2) / 3, abs=1e-4)
+
+
+def test_progress_over_domains():
+    from tandem.sim.shards import Progress
+    board = [10.0, 100, 0.0, 0, 30.0, 250]          # (virtual s, requests ended) per domain; one not started
+    p = Progress(board, 3)
+    assert p.now == pytest.approx(40.0 / 3) and p.completed == 350 and p.sent == 350 and p.failed == 0
