@@ -806,6 +806,16 @@ class SimCluster:
     def gpu_seconds(self) -> float:
         return sum(((w.stopped_at if w.stopped_at is not None else self.now) - w.started_at) for w in self.workers)
 
+    def totals(self) -> dict:
+        """The run's counters for the report (a `--shards` merge adds them up over domains)."""
+        ws = self.workers
+        return {"virtual": self.now, "events": self.events,
+                "steps": sum(w.engine._stats.steps for w in ws),
+                "win_steps": sum(w.engine.window_steps for w in ws),
+                "preemptions": sum(w.engine.scheduler.num_preemptions for w in ws),
+                "gpu_seconds": self.gpu_seconds(), "leaks": self.leaks(),
+                "num_kv_blocks": ws[0].engine.kv.pool.num_blocks}
+
 
 _SIM_RECORD = None
 

@@ -227,10 +227,11 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
     cluster = None
     w0 = time.perf_counter()
     if K > 1:
-        from tandem.sim.shards import ShardError, merge_columns, merge_timelines, run_domains
+        from tandem.sim.shards import (ShardError, merge_columns, merge_timelines, merge_totals, resolve_jobs,
+                                       run_domains)
+        jobs = resolve_jobs(K, getattr(args, "jobs", None))
         try:
-            parts = run_domains(args, profile, ccfg, reqs, roles, K, getattr(args, "jobs", None), make_planner,
-                                progress=progress)
+            parts = run_domains(args, profile, ccfg, reqs, roles, K, jobs, make_planner, progress=progress)
         except ShardError as e:
             raise SimInputError(str(e)) from None
         wall = time.perf_counter() - w0
@@ -239,19 +240,15 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         decisions = sorted((d for p in parts for d in p.decisions), key=lambda d: (d.get("time", 0.0), d["domain"]))
         timeline = merge_timelines([p.timeline for p in parts])
         columns, records = merge_columns([p.columns for p in parts]), None
-        stats = {"virtual": max(p.virtual_s for p in parts), "events": sum(p.events for p in parts),
-                 "steps": sum(p.engine_steps for p in parts), "win_steps": sum(p.window_steps for p in parts),
-                 "preemptions": sum(p.preemptions for p in parts),
-                 "gpu_seconds": sum(p.gpu_seconds for p in parts),
-                 "leaks": {w: v for p in parts for w, v in p.leaks.items()},
-                 "num_kv_blocks": parts[0].num_kv_blocks}
-        shard_info = {"domains": K, "jobs": max(1, min(K, getattr(args, "jobs", None) or _cores())),
+        stats = merge_totals(parts)
+        shard_info = {"domains": K, "jobs": jobs,
                       "split": "prefix" if any(r.hash_ids for r in getattr(reqs, "base", reqs)) else "random",
                       "per_domain": [{"workers": len(p.roles), "roles": {r: p.roles.count(r) for r in
                                                                         ("prefill", "decode", "both")
                                                                         if p.roles.count(r)},
-                                      "requests": p.requests, "virtual_s": round(p.virtual_s, 6),
-                                      "cpu_s": round(p.cpu_s, 3), "events": p.events} for p in parts]}
+                                      "requests": p.requests, "virtual_s": round(p.totals["virtual"], 6),
+                                      "cpu_s": round(p.cpu_s, 3), "events": p.totals["events"]}
+                                     for p in parts]}
     else:
         planner, planner_cfg = make_planner(args, profile, len(roles))
         cluster = SimCluster(profile, ccfg, reqs, planner=planner)
@@ -260,12 +257,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
         wall, cpu = time.perf_counter() - w0, time.process_time() - c0
         decisions, timeline, columns = cluster.decisions, cluster.timeline, cluster.columns
         records = cluster.records() if columns is None else None
-        stats = {"virtual": cluster.now, "events": cluster.events,
-                 "steps": sum(w.engine._stats.steps for w in cluster.workers),
-                 "win_steps": sum(w.engine.window_steps for w in cluster.workers),
-                 "preemptions": sum(w.engine.scheduler.num_preemptions for w in cluster.workers),
-                 "gpu_seconds": cluster.gpu_seconds(), "leaks": cluster.leaks(),
-                 "num_kv_blocks": cluster.workers[0].engine.kv.pool.num_blocks}
+        stats = cluster.totals()
         shard_info = None
     scaling = planner_cfg is not None and (args.min_gpus is not None or args.max_gpus is not None
                                            or args.planner == "dynamo")
@@ -341,11 +333,6 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
     else:
         report = build_report(config, records, timeline)
     return report, cluster
-
-
-def _cores() -> int:
-    from tandem.sim.shards import _cores as cores
-    return cores()
 
 
 def _version() -> str:

@@ -49,15 +49,8 @@ class DomainResult:
     timeline: list
     decisions: list
     planner_config: dict | None
-    events: int
-    engine_steps: int
-    window_steps: int
-    preemptions: int
-    gpu_seconds: float
-    leaks: dict
-    virtual_s: float
+    totals: dict                 # SimCluster.totals() (its leaks keyed "d<k>/<worker>")
     cpu_s: float
-    num_kv_blocks: int
 
 
 # ------------------------------------------------------------------------------------ splitting
@@ -193,20 +186,32 @@ def _run_domain(k: int) -> DomainResult:
     cluster.run(progress=tell)
     tell(cluster)
     cpu = time.process_time() - c0
+    totals = cluster.totals()
+    totals["leaks"] = {f"d{k}/{w}": v for w, v in totals["leaks"].items()}
     return DomainResult(
         k=k, roles=job.roles[k], requests=len(sub), columns=cluster.columns, timeline=cluster.timeline,
-        decisions=[dict(d, domain=k) for d in cluster.decisions], planner_config=pcfg,
-        events=cluster.events, engine_steps=sum(w.engine._stats.steps for w in cluster.workers),
-        window_steps=sum(w.engine.window_steps for w in cluster.workers),
-        preemptions=sum(w.engine.scheduler.num_preemptions for w in cluster.workers),
-        gpu_seconds=cluster.gpu_seconds(), leaks={f"d{k}/{w}": v for w, v in cluster.leaks().items()},
-        virtual_s=cluster.now, cpu_s=cpu, num_kv_blocks=cluster.workers[0].engine.kv.pool.num_blocks)
+        decisions=[dict(d, domain=k) for d in cluster.decisions], planner_config=pcfg, totals=totals,
+        cpu_s=cpu)
 
 
-def run_domains(args, profile, ccfg, reqs, roles: list[str], K: int, jobs: int | None,
+def merge_totals(parts: list[DomainResult]) -> dict:
+    """The cluster's counters: sums over domains (the latest virtual end; leaks of all domains)."""
+    t = [p.totals for p in parts]
+    out = {k: sum(x[k] for x in t) for k in ("events", "steps", "win_steps", "preemptions", "gpu_seconds")}
+    out.update(virtual=max(x["virtual"] for x in t), leaks={w: v for x in t for w, v in x["leaks"].items()},
+               num_kv_blocks=t[0]["num_kv_blocks"])
+    return out
+
+
+def resolve_jobs(K: int, jobs: int | None) -> int:
+    """Processes for K domains: `jobs`, else one per core; never more than K."""
+    return max(1, min(K, jobs or _cores()))
+
+
+def run_domains(args, profile, ccfg, reqs, roles: list[str], K: int, jobs: int,
                 make_planner, progress=None) -> list[DomainResult]:
-    """Run K domains on `jobs` processes (forked; 1: in this process, one after another);
-    `progress(Progress)` is called about twice a second while they run."""
+    """Run K domains on `jobs` processes (`resolve_jobs`; forked; 1: in this process, one after
+    another); `progress(Progress)` is called about twice a second while they run."""
     global _JOB
     if getattr(args, "max_concurrency", None):
         raise ShardError("--max-concurrency caps one client's requests in flight; it cannot be split "
@@ -221,7 +226,6 @@ def run_domains(args, profile, ccfg, reqs, roles: list[str], K: int, jobs: int |
     ctx = mp.get_context("fork")
     board = ctx.RawArray("d", 2 * K)
     _JOB = _Job(args, profile, ccfg, reqs, positions, droles, list(zip(mins, maxs)), make_planner, board)
-    jobs = max(1, min(K, jobs or _cores()))
     try:
         if jobs == 1:
             return [_run_domain(k) for k in range(K)]

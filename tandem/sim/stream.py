@@ -69,22 +69,14 @@ class ReplicatedRequests:
         return r
 
     def __iter__(self):
-        """`_make` for every idx, with the copy numbers and arrival times read in chunks (a numpy
-        scalar read per request cost ~0.5 us)."""
-        dicts = [dict(r.__dict__) for r in self.base]
-        make = self._make
-        order, t = self._order, self._t
-        C = 65536
-        idx = 0
-        for lo in range(0, len(order), C):
-            ks = order[lo:lo + C]
-            for k, t_k in zip(ks.tolist(), t[ks].tolist()):
-                yield make(idx, k, t_k, dicts)
-                idx += 1
+        """`_make` for every idx (`iter_positions` of the whole stream)."""
+        return self.iter_positions(np.arange(len(self._order)))
 
     def iter_positions(self, positions: np.ndarray):
-        """The requests at these stream positions (ascending), with their global idx: one domain's
-        share of the stream (`tandem.sim.shards`), without building the others'."""
+        """The requests at these stream positions (ascending), with their global idx: the whole
+        stream, or one domain's share of it (`tandem.sim.shards`) without building the others'. The
+        copy numbers and arrival times are read in chunks (a numpy scalar read per request cost
+        ~0.5 us)."""
         dicts = [dict(r.__dict__) for r in self.base]
         make = self._make
         order, t = self._order, self._t
