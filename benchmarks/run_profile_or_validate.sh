@@ -3,12 +3,13 @@
 #   H200: `run_engine_gpu.sh full` (profiles of llama-3.1-8b and llama-3.2-1b: profiles/h200_*.json) and,
 #         in the time left, the sim validation of llama-3.2-1b with the fresh profile;
 #   H100: the sim validation of llama-3.1-8b (conversation slices A-C and the code-trace slice D).
+#   MODE=val8b: the llama-3.1-8b validation on whichever card it lands on (its profile is measured in the call).
 # Results (at most 8 files) go to $OUT. BUDGET (s, default 575): when to stop, counted from the start.
 T0=$(date +%s); BUDGET=${BUDGET:-575}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site
 date -u; nvidia-smi -L
-if nvidia-smi -L | grep -q H200; then
+if [ "${MODE:-}" != val8b ] && nvidia-smi -L | grep -q H200; then
     OUT=$OUT/eng BENCH_TIMEOUT=$(( BUDGET * 55 / 100 )) bash benchmarks/run_engine_gpu.sh full > /dev/null 2>&1
     echo "engine rc=$? after $(( $(date +%s) - T0 )) s"
     tail -n 75 "$OUT/eng/log.txt"

@@ -22,6 +22,28 @@ _ROOT = str(Path(__file__).resolve().parents[1])
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
+
+
+def pytest_configure(config):
+    """A compiled extension older than its source (tandem/compile.py) would test old code."""
+    config.addinivalue_line("markers", "needs_source: monkeypatches a module that tandem.compile compiles; "
+                            "skipped when compiled, run under TANDEM_PURE_PYTHON=1 by tests/sim/test_compiled.py")
+    from tandem._compiled import stale
+    if stale():
+        raise pytest.UsageError(f"compiled {stale()} older than the source: run `make test` (or `python -m "
+                                "tandem.compile`, or `python -m tandem.compile --clean` for pure Python)")
+
+
+def pytest_collection_modifyitems(config, items):
+    from tandem.compile import status
+    if os.environ.get("TANDEM_PURE_PYTHON", "") not in ("", "0") or not any(status().values()):
+        return
+    skip = pytest.mark.skip(reason="monkeypatches a compiled module: tests/sim/test_compiled.py runs it as Python")
+    for item in items:
+        if "needs_source" in item.keywords:
+            item.add_marker(skip)
+
+
 LLAMA3_ROPE_SMALL = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                      "original_max_position_embeddings": 256}
 

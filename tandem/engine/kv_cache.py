@@ -9,6 +9,7 @@ allocation takes the oldest, evicting its hash if it had one. Blocks are array e
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Sequence
 
 from tandem.common.errors import ContextTooLong, InvalidParams
 from tandem.common.hashing import ROOT_HASH, hash_block
@@ -85,9 +86,9 @@ class BlockPool:
                 ref[b] = 0
         return [Block(i, r, h.get(i)) for i, r in enumerate(ref)]
 
-    def lookup(self, hashes: list[int]) -> list[int]:
+    def lookup(self, hashes: Sequence[int]) -> list[int]:
         """Block ids of the longest cached prefix of `hashes` (not yet referenced)."""
-        out = []
+        out: list[int] = []
         if not self.enable_prefix_caching:
             return out
         cached = self.cached
@@ -136,11 +137,13 @@ class BlockPool:
                 ref[bid] = 1
         return out
 
-    def touch(self, block_ids: list[int]) -> None:
+    def touch(self, block_ids: Sequence[int]) -> None:
         """Take a reference on blocks found by `lookup` (reviving free cached ones)."""
         ref = self._ref
-        if ref is None and block_ids:
-            raise ValueError("touch: blocks are only shared with prefix caching on")
+        if ref is None:
+            if block_ids:
+                raise ValueError("touch: blocks are only shared with prefix caching on")
+            return
         for bid in block_ids:
             r = ref[bid]
             if r == 0:
@@ -148,7 +151,7 @@ class BlockPool:
                 self._nfree -= 1
             ref[bid] = r + 1
 
-    def release(self, block_ids: list[int]) -> None:
+    def release(self, block_ids: Sequence[int]) -> None:
         """Drop one reference from each block. Pass a request's table tail-first, so its last blocks
         (least likely to be shared) are evicted first; blocks without a hash go to the front."""
         ref, hs, push = self._ref, self._hash, self._stack.append
@@ -212,7 +215,7 @@ class KVCacheManager:
     def blocks_needed(self, num_tokens: int) -> int:
         return (num_tokens + self.block_size - 1) // self.block_size
 
-    def prefix_hashes(self, req, upto_tokens: int) -> list[int]:
+    def prefix_hashes(self, req, upto_tokens: int) -> Sequence[int]:
         """Chained hashes of the request's full blocks within its first `upto_tokens` tokens (memoised)."""
         n_full = upto_tokens // self.block_size
         hs = req.block_hashes
@@ -236,7 +239,7 @@ class KVCacheManager:
         req.block_table = list(hits)
         return len(hits) * self.block_size
 
-    def count_prefix_hit(self, token_ids: list[int], hashes: list[int] | None = None) -> int:
+    def count_prefix_hit(self, token_ids: Sequence[int], hashes: Sequence[int] | None = None) -> int:
         """Tokens of `token_ids` already cached here (read-only; for routing and transfer dedup)."""
         from tandem.common.hashing import block_hashes
         hashes = hashes if hashes is not None else block_hashes(token_ids, self.block_size)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any, MutableSequence, Sequence
 
 from tandem.common.sampling import PRIORITIES, SamplingParams
 
@@ -28,10 +29,10 @@ class Request:
     hold_kv: bool = False                 # keep blocks after finishing (for export to another worker)
     # engine state
     status: Status = Status.WAITING
-    all_token_ids: list[int] = field(default_factory=list)
+    all_token_ids: MutableSequence[int] = field(default_factory=list)   # the simulator keeps only a count
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
-    block_hashes: list[int] = field(default_factory=list)
+    block_hashes: Sequence[int] = field(default_factory=list)          # the simulator may give a range
     num_cached_blocks: int = 0
     num_cached_tokens: int = 0            # prompt tokens that came from the prefix cache / import
     num_preemptions: int = 0
@@ -39,22 +40,23 @@ class Request:
     finish_reason: str | None = None
     held_at: float = 0.0
     # per-request output state (set by the engine)
-    detok: object = None
-    generator: object = None
-    sample_row: object = None             # the engine's cached SampleRow (once no token is banned)
+    detok: Any = None
+    generator: Any = None
+    sample_row: Any = None                # the engine's cached SampleRow (once no token is banned)
     text: str = ""
     sent_text_len: int = 0
     pending_logprobs: list = field(default_factory=list)
     sent_tokens: int = 0
+    rank: int = field(default=0, init=False)              # place of `priority` in PRIORITIES (fixed)
+    _graph_bt: Any = field(default=None, init=False, repr=False)   # the CUDA-graph runner's row state
 
-    def __post_init__(self):
-        if self.priority not in PRIORITIES:
+    def __post_init__(self) -> None:
+        rank = _RANK.get(self.priority)
+        if rank is None:
             raise ValueError(self.priority)
+        self.rank = rank
+        self._graph_bt = None            # init=False fields: compiled (mypyc) classes need them set here
         self.all_token_ids = list(self.prompt_token_ids) + list(self.output_token_ids)
-
-    @property
-    def rank(self) -> int:
-        return _RANK[self.priority]
 
     @property
     def num_tokens(self) -> int:

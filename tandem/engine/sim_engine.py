@@ -38,13 +38,20 @@ import bisect
 import itertools
 import zlib
 from dataclasses import dataclass
+from typing import Any, Sequence, cast
+
+try:                                    # only read by mypyc (python -m tandem.compile)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover
+    def mypyc_attr(*_a: Any, **_kw: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 from tandem.common.errors import InvalidParams
 from tandem.common.outputs import EngineStats, RequestOutput
 from tandem.common.sampling import PRIORITIES, SamplingParams
 from tandem.engine.kv_cache import KVCacheManager, check_request_fits, import_kv_blocks
 from tandem.engine.request import Request, Status
-from tandem.engine.scheduler import Scheduler
+from tandem.engine.scheduler import ScheduledBatch, Scheduler
 
 SIM_TOKEN = 1                 # the token id every simulated step generates
 _PRIO_RANK = {p: i for i, p in enumerate(PRIORITIES)}
@@ -54,6 +61,7 @@ IDLE, STEP, WINDOW, BOUNDARY = 0, 1, 2, 3
 _UNIQUE_PROMPTS = itertools.count()   # synthetic prompts given as a length share no blocks
 
 
+@mypyc_attr(native_class=False)
 class _SyntheticPrompt(list):
     """A prompt of `SIM_TOKEN`s only (marks prompts whose token list need not be copied)."""
     __slots__ = ()
@@ -102,26 +110,51 @@ def synthetic_prompt(n: int) -> list[int]:
 
 
 class SimRequest(Request):
-    """`Request` plus simulator bookkeeping. `rank` is stored instead of recomputed per call (the
-    priority of a request never changes); everything else is the base class, except that a
-    synthetic prompt's `all_token_ids` is a `SimTokens` count instead of a copy."""
+    """`Request` plus simulator bookkeeping. Its `__init__` sets every `Request` field itself, without
+    the dataclass machinery (~3 us a request interpreted); `tests/sim/test_sim_engine.py` checks it
+    against the base class field by field. A synthetic prompt's `all_token_ids` is a `SimTokens`
+    count instead of a copy."""
 
-    rank = 0                       # shadows the base-class property with a per-instance value
-
-    def __post_init__(self):
-        if type(self.prompt_token_ids) is _SyntheticPrompt and all(t == SIM_TOKEN for t in self.output_token_ids):
-            if self.priority not in _PRIO_RANK:
-                raise ValueError(self.priority)
-            self.all_token_ids = SimTokens(len(self.prompt_token_ids) + len(self.output_token_ids))
+    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                 priority: str = "interactive", arrival_time: float = 0.0,
+                 output_token_ids: list[int] | None = None, hold_kv: bool = False) -> None:
+        rank = _PRIO_RANK.get(priority)
+        if rank is None:
+            raise ValueError(priority)
+        out: list[int] = output_token_ids if output_token_ids is not None else []
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self.params = params
+        self.priority = priority
+        self.arrival_time = arrival_time
+        self.output_token_ids = out
+        self.hold_kv = hold_kv
+        self.status = Status.WAITING
+        if type(prompt_token_ids) is _SyntheticPrompt and all(t == SIM_TOKEN for t in out):
+            self.all_token_ids = SimTokens(len(prompt_token_ids) + len(out))  # type: ignore[assignment]
         else:
-            super().__post_init__()
-
-    def __init__(self, *a, **kw):
-        super().__init__(*a, **kw)
-        self.rank = _PRIO_RANK[self.priority]
-        self.token_times: list[float] | None = None   # time of every token this engine generated
+            self.all_token_ids = list(prompt_token_ids) + list(out)
+        self.num_computed_tokens = 0
+        self.block_table = []
+        self.block_hashes = []
+        self.num_cached_blocks = 0
+        self.num_cached_tokens = 0
+        self.num_preemptions = 0
+        self.seq = 0
+        self.finish_reason = None
+        self.held_at = 0.0
+        self.detok = None
+        self.generator = None
+        self.sample_row = None
+        self.text = ""
+        self.sent_text_len = 0
+        self.pending_logprobs = []
+        self.sent_tokens = 0
+        self.rank = rank
+        self._graph_bt = None
+        self.token_times: Any = None                  # time of every token this engine generated
         self.t_sched: float | None = None             # first time the scheduler picked it
-        self.owner = None                             # the simulator's handle
+        self.owner: Any = None                        # the simulator's handle
         # decode-window state
         self.w_j0 = 0                                 # window step after which it joined
         self.w_nc0 = 0                                # num_computed_tokens when it joined
@@ -130,61 +163,17 @@ class SimRequest(Request):
         self.w_end = 0                                # window step at which it finishes
         self.w_a = 0                                  # window step its block table is brought up to
 
-    @classmethod
-    def synthetic(cls, request_id: str, prompt: "_SyntheticPrompt", params, priority: str,
-                  arrival_time: float, hold_kv: bool) -> "SimRequest":
-        """`SimRequest(request_id, prompt, params, priority, arrival_time=..., hold_kv=...)` of a
-        synthetic prompt with no output yet, without the dataclass machinery (~3 us a request):
-        the instance dict of a request built the ordinary way, with fresh mutable fields."""
-        t = _SYN_TEMPLATE
-        if t is None:
-            t = _syn_template()
-        r = object.__new__(cls)
-        d = r.__dict__
-        d.update(t)
-        d["request_id"] = request_id
-        d["prompt_token_ids"] = prompt
-        d["params"] = params
-        d["priority"] = priority
-        d["arrival_time"] = arrival_time
-        d["output_token_ids"] = []
-        d["hold_kv"] = hold_kv
-        d["all_token_ids"] = SimTokens(len(prompt))
-        d["block_table"] = []
-        d["block_hashes"] = []
-        d["pending_logprobs"] = []
-        d["rank"] = _PRIO_RANK[priority]
-        return r
-
-
-_SYN_TEMPLATE: dict | None = None
-
-
-def _syn_template() -> dict:
-    """The instance dict of an ordinary synthetic `SimRequest` (the fields `synthetic` overwrites
-    included, so the key order is the same)."""
-    global _SYN_TEMPLATE
-    r = SimRequest("", synthetic_prompt(1), SamplingParams(), "interactive", arrival_time=0.0)
-    d = dict(r.__dict__)
-    mutable = {k for k, v in d.items() if isinstance(v, (list, dict, set, SimTokens))}
-    expected = {"prompt_token_ids", "output_token_ids", "all_token_ids", "block_table", "block_hashes",
-                "pending_logprobs"}
-    if mutable != expected:           # a new mutable field: SimRequest.synthetic must set it fresh
-        raise AssertionError(f"SimRequest.synthetic is out of date: {sorted(mutable ^ expected)}")
-    _SYN_TEMPLATE = d
-    return d
-
 
 @dataclass
 class SimKVExport:
     """The metadata of `Engine.export_kv` without the tensor: `num_tokens` computed tokens."""
     request_id: str
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
+    prompt_token_ids: Any                 # a sequence of token ids (a tuple when only counted)
+    output_token_ids: Any
     num_tokens: int
     block_size: int
     start_block: int = 0
-    data: object = None
+    data: Any = None
 
 
 @dataclass
@@ -225,16 +214,16 @@ class _Window:
         self.k = 0                      # steps applied
         self.planned = 0                # steps whose end time is known
         self.ends: list[float] = []
-        self.fin: dict[int, list] = {}  # step -> members finishing at it
-        self.buckets: list | None = None    # allocation phase -> members (eager block tables only)
-        self.active: dict = {}          # members (insertion ordered)
+        self.fin: dict[int, list[SimRequest]] = {}  # step -> members finishing at it
+        self.buckets: Any = None            # allocation phase -> members (eager block tables only)
+        self.active: dict[SimRequest, None] = {}    # members (insertion ordered)
         self.b = 0                      # members
         self.base = 0                   # sum of (computed at join - join step)
         self.cnt = [0] * block_size     # members per allocation phase
-        self.cmax: dict = {}            # priority rank -> member with the latest (arrival, seq)
+        self.cmax: dict[int, SimRequest] = {}       # priority rank -> member with the latest (arrival, seq)
         self.chunk = 8
         self.alloc_done = 0
-        self.ids: list | None = None    # lazy block tables: blocks allocated to members, not handed out yet
+        self.ids: Any = None            # lazy block tables: blocks allocated to members, not handed out yet
         self.gen = 0
         self.rebase_at = _REBASE_STEPS
 
@@ -277,21 +266,21 @@ class SimEngine:
         self.busy_s = 0.0                      # virtual seconds spent in steps
         self.num_windows = 0
         self.window_steps = 0
-        self.on_finish = None                  # callback(req, now): a request finished
-        self.on_first = None                   # callback(req, now): a request's first output token
+        self.on_finish: Any = None             # callback(req, now): a request finished
+        self.on_first: Any = None              # callback(req, now): a request's first output token
         # discrete-event state
         self.state = IDLE
         self.t_next: float | None = None
-        self._batch = None
+        self._batch: ScheduledBatch | None = None
         self._dstep = False                    # the step in flight includes the decode set D
         self._step_start = 0.0
         self._step_dur = 0.0
-        self._win: _Window | None = None
+        self._win: Any = None
 
     def _clock(self) -> float:
         return self.now
 
-    def _new_cost(self, req, key: str | None = None) -> float:
+    def _new_cost(self, req: SimRequest, key: str | None = None) -> float:
         """Admission host time of `req` drawn from the measured quantiles: a function of the request
         id (and `key`) alone (deterministic, independent of step order and of fast-forward)."""
         q = self._ovh_new_q
@@ -302,7 +291,7 @@ class SimEngine:
         i = int(x)
         return q[i] + (q[i + 1] - q[i]) * (x - i) if i + 1 < len(q) else q[-1]
 
-    def _step_new_cost(self, req) -> float:
+    def _step_new_cost(self, req: SimRequest) -> float:
         """Mode "prefill_step": the admission host time of a step whose first prefill (chunk) is `req`'s,
         drawn by (request id, its chunk's start): eager prefill inputs and launches are built once per
         step, however many prompts or chunks it holds (real run 3: full 2048-token chunk steps took the
@@ -312,9 +301,9 @@ class SimEngine:
     # ================================================================== requests (Engine API)
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None,
                     priority: str = "interactive", *, arrival_time: float | None = None,
-                    hold_kv: bool = False, output_token_ids: list[int] | None = None,
-                    kv_import: SimKVExport | None = None, block_hashes: list[int] | None = None,
-                    token_times: list[float] | None = None, owner=None) -> SimRequest:
+                    hold_kv: bool = False, output_token_ids: Sequence[int] | None = None,
+                    kv_import: SimKVExport | None = None, block_hashes: Sequence[int] | None = None,
+                    token_times: Sequence[float] | None = None, owner=None) -> SimRequest:
         """Queue a request (as `Engine.add_request`). `prompt` is a list of token ids or a length.
         Discrete-event callers must `sync(now)` first and `kick(now)` after."""
         params = params or SamplingParams()
@@ -325,14 +314,8 @@ class SimEngine:
         ids = synthetic_prompt(prompt) if isinstance(prompt, int) else list(prompt)
         n_out = len(output_token_ids) if output_token_ids else 0
         self._check_prompt(len(ids), params, n_out)
-        if type(ids) is _SyntheticPrompt and not output_token_ids:
-            req = SimRequest.synthetic(request_id, ids, params, priority,
-                                       self.now if arrival_time is None else arrival_time, hold_kv)
-        else:
-            req = SimRequest(request_id, ids, params, priority,
-                             arrival_time=self.now if arrival_time is None else arrival_time,
-                             output_token_ids=list(output_token_ids) if output_token_ids else [],
-                             hold_kv=hold_kv)
+        req = SimRequest(request_id, ids, params, priority, self.now if arrival_time is None else arrival_time,
+                         list(output_token_ids) if output_token_ids else None, hold_kv)
         if block_hashes is not None:
             req.block_hashes = block_hashes
         elif isinstance(prompt, int):
@@ -448,15 +431,16 @@ class SimEngine:
         self._step_dur = dur
         return dur
 
-    def _batch_time(self, batch, now: float, b: int, ctx: int, n_seqs: int) -> tuple[float, int, int]:
+    def _batch_time(self, batch: ScheduledBatch, now: float, b: int, ctx: int, n_seqs: int) -> tuple[float, int, int]:
         """(duration, decodes, prefill tokens) of a step running `batch` besides b decodes of context sum
         ctx (n_seqs sequences) already counted: the profile's time plus the serving overheads. Marks
         the batch's first-scheduled requests (`t_sched`)."""
         pf = 0
         extra = extra_h = 0.0
-        first_pf = None                         # per-step admission cost: keyed by the first prefill
+        first_pf: SimRequest | None = None      # per-step admission cost: keyed by the first prefill
         prof = self.profile
-        for req, n in zip(batch.reqs, batch.num_new_tokens):
+        for r0, n in zip(batch.reqs, batch.num_new_tokens):
+            req = cast(SimRequest, r0)
             if n == 1:
                 b += 1
                 ctx += req.num_computed_tokens + 1
@@ -504,9 +488,9 @@ class SimEngine:
             if not w.active:
                 self._win = None
         if batch is not None:
-            for req in batch.reqs:
-                if req.num_computed_tokens == len(req.all_token_ids):
-                    self._token(req, now, outputs)
+            for r0 in batch.reqs:
+                if r0.num_computed_tokens == len(r0.all_token_ids):
+                    self._token(cast(SimRequest, r0), now, outputs)
         st.steps += 1
         st.last_step_s = self._step_dur
         self.busy_s += self._step_dur
@@ -634,8 +618,8 @@ class SimEngine:
     def _promote(self, now: float) -> None:
         sch = self.scheduler
         running = sch.running
-        cands = [r for r in running
-                 if len(r.all_token_ids) - r.num_computed_tokens == 1 and r.output_token_ids]
+        cands: list[SimRequest] = [cast(SimRequest, r) for r in running
+                                   if len(r.all_token_ids) - r.num_computed_tokens == 1 and r.output_token_ids]
         if not cands:
             return
         w = self._win
@@ -655,7 +639,7 @@ class SimEngine:
         if len(cands) > 1:
             cands.sort(key=key)
         if minv is None:
-            moved = cands[:room]
+            moved: list[SimRequest] = cands[:room]
         else:
             moved = []
             for r in cands:
@@ -713,7 +697,7 @@ class SimEngine:
                 return key(r)
         return max(map(key, cm.values()))
 
-    def _leave(self, w: "_Window", r) -> None:
+    def _leave(self, w: "_Window", r: SimRequest) -> None:
         """Bookkeeping of a request leaving D (finish or abort)."""
         if w.buckets is not None:
             del w.buckets[r.w_phase][r]
@@ -721,15 +705,16 @@ class SimEngine:
         w.cnt[r.w_phase] -= 1
         w.base -= r.w_nc0 - r.w_j0
         w.b -= 1
-        if w.cmax.get(r.rank) is r:
-            best = None
+        rank = r.rank
+        if w.cmax.get(rank) is r:
+            best: Any = None
             for x in w.active:
-                if x.rank == r.rank and (best is None or (best.arrival_time, best.seq) < (x.arrival_time, x.seq)):
+                if x.rank == rank and (best is None or (best.arrival_time, best.seq) < (x.arrival_time, x.seq)):
                     best = x
             if best is None:
-                del w.cmax[r.rank]
+                del w.cmax[rank]
             else:
-                w.cmax[r.rank] = best
+                w.cmax[rank] = best
 
     def _dissolve(self) -> None:
         """Hand D back to the scheduler (at a step boundary)."""
@@ -946,7 +931,7 @@ class SimEngine:
                 w.ids += self.kv.pool.allocate(need)
             w.alloc_done = upto
         elif first <= upto:
-            rs = []
+            rs: list[SimRequest] = []
             for jj in range(first, upto + 1):
                 bk = buckets[jj % bs]
                 if bk:
@@ -1013,8 +998,8 @@ class SimEngine:
     def drain_kv_events(self) -> tuple[list[int], list[int]]:
         return self.kv.pool.drain_events()
 
-    def prefix_hit_tokens(self, token_ids: list[int]) -> int:
+    def prefix_hit_tokens(self, token_ids: Sequence[int]) -> int:
         return self.kv.count_prefix_hit(token_ids)
 
-    def prefix_hit_blocks(self, hashes: list[int]) -> int:
+    def prefix_hit_blocks(self, hashes: Sequence[int]) -> int:
         return len(self.kv.pool.lookup(hashes))

@@ -39,12 +39,13 @@ import random
 from collections import deque
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 from tandem.common.errors import TandemError
 from tandem.common.sampling import SamplingParams
 from tandem.engine.sim_engine import IDLE, SIM_TOKEN, WINDOW, SimEngine, SimEngineConfig, SimKVExport
 from tandem.sim.profile import SimProfile
-from tandem.sim.stream import RecordColumns
+from tandem.sim.stream import RecordColumns, sim_record_class
 
 EV_WORKER, EV_XFER, EV_LIFE, EV_PUBLISH, EV_TIMELINE, EV_PLANNER, EV_CALL = range(7)
 ROLES = ("prefill", "decode", "both")
@@ -87,19 +88,19 @@ class SimReq:
         self.rid = rid
         self.t_arr = t_arr             # when the request reaches the router (send + overhead)
         self.lag = 0.0                 # client-side wait for a concurrency slot
-        self.hashes = None
-        self.times: list[float] | None = None
-        self.t_first: float | None = None
-        self.t_last: float | None = None
+        self.hashes: Any = None
+        self.times: Any = None
+        self.t_first: Any = None
+        self.t_last: Any = None
         self.n_out = 0
         self.status = "ok"
-        self.error_kind = None
-        self.error = None
+        self.error_kind: Any = None
+        self.error: Any = None
         self.cached = 0
         self.stage = "queued"          # queued | prefill | transfer | decode | done
-        self.pw = None                 # worker doing the prefill (disagg) or everything
-        self.dw = None                 # decode worker (disagg)
-        self.t_sched = None
+        self.pw: Any = None                 # worker doing the prefill (disagg) or everything
+        self.dw: Any = None                 # decode worker (disagg)
+        self.t_sched: Any = None
         self.done = False
 
 
@@ -114,12 +115,12 @@ class SimWorker:
         self.role = role
         self.state = state
         self.since = now
-        self.target_role = None
+        self.target_role: Any = None
         self.engine = engine
         self.gen = 0
-        self.t_event = None
+        self.t_event: Any = None
         self.started_at = now
-        self.stopped_at = None
+        self.stopped_at: Any = None
         self.dirty = True
         self.pub_steps = -1
         self.flip_pending = False          # flip timer running (drained)
@@ -182,17 +183,13 @@ def _set_alive(router, name: str, alive: bool) -> None:
         router.workers[name].alive = alive
 
 
-try:
-    from tandem.router.kv_router import NoWorkers
-except ImportError:  # pragma: no cover
-    class NoWorkers(Exception):
-        pass
+from tandem.router.kv_router import NoWorkers
 
 
 # ------------------------------------------------------------------------------------ the cluster
 
 class SimCluster:
-    def __init__(self, profile, config: ClusterConfig, requests: list, planner=None):
+    def __init__(self, profile, config: ClusterConfig, requests: Any, planner=None):
         self.profile = SimProfile.coerce(profile)
         self.cfg = config
         self.requests = requests
@@ -225,7 +222,7 @@ class SimCluster:
         self._tl_t = 0.0
         mode = config.token_times
         self._times_every = 1 if mode == "all" else (0 if mode == "none" else int(mode.split(":")[1]))
-        self.window = None
+        self.window: Any = None
         self.connector = SimConnector(self)
         self._disagg = False
         for role in config.roles:
@@ -464,7 +461,7 @@ class SimCluster:
             self.window.on_finish(t, sr.br.cls, n_out, tp)
 
     # ------------------------------------------------------------------ disaggregation
-    def _to_decode(self, sr: SimReq, src: SimWorker, num_tokens: int, outputs: list[int] | None = None) -> None:
+    def _to_decode(self, sr: SimReq, src: SimWorker, num_tokens: int, outputs: Sequence[int] | None = None) -> None:
         """Pick a decode worker and start moving `num_tokens` tokens of KV there from `src`
         (`outputs`: the tokens generated so far when a decode is migrated, else None)."""
         br = sr.br
@@ -664,7 +661,7 @@ class SimCluster:
         e = self._touch(w)
         for rid in list(e.requests):
             req = e.requests[rid]
-            sr: SimReq = req.owner
+            sr: SimReq | None = req.owner
             if sr is None or sr.stage != "decode" or not req.output_token_ids:
                 continue
             e.detach_request(rid)                      # KV held until the transfer lands
@@ -817,37 +814,6 @@ class SimCluster:
                 "num_kv_blocks": ws[0].engine.kv.pool.num_blocks}
 
 
-_SIM_RECORD = None
-
-
-def sim_record_class():
-    """`RequestRecord` whose `to_dict` builds the same dict as the base class without
-    `dataclasses.asdict` (which deep-copies field by field: ~35 us a record on Python 3.11)."""
-    global _SIM_RECORD
-    if _SIM_RECORD is not None:
-        return _SIM_RECORD
-    from dataclasses import fields
-
-    from tandem.bench.records import RequestRecord
-    names = tuple(f.name for f in fields(RequestRecord))
-    rounded = ("arrival_s", "ttft_s", "e2e_s", "dispatch_lag_s")
-
-    class SimRecord(RequestRecord):
-        def to_dict(self, ndigits: int | None = 6) -> dict:
-            d = {k: getattr(self, k) for k in names}
-            if ndigits is not None:
-                d["token_times_s"] = [round(t, ndigits) for t in self.token_times_s]
-                for k in rounded:
-                    if d[k] is not None:
-                        d[k] = round(d[k], ndigits)
-            else:
-                d["token_times_s"] = list(self.token_times_s)
-            return d
-
-    _SIM_RECORD = SimRecord
-    return SimRecord
-
-
 class SimConnector:
     """The planner's connector in virtual time (tandem.planner.connector.Connector contract)."""
 
@@ -859,7 +825,7 @@ class SimConnector:
 
     def apply(self, d) -> object:
         action = d.action if hasattr(d, "action") else d["action"]
-        get = (lambda k: getattr(d, k, None)) if hasattr(d, "action") else d.get
+        get: Any = (lambda k: getattr(d, k, None)) if hasattr(d, "action") else d.get
         if action == "flip":
             return self.flip(get("worker_id"), get("to_role"))
         if action == "start":
@@ -912,7 +878,7 @@ class SimConnector:
         if not graceful:
             e = c._touch(w)
             for rid in list(e.requests):
-                sr = e.requests[rid].owner
+                sr: SimReq | None = e.requests[rid].owner
                 e.abort_request(rid)
                 c.router.on_finish(w.name, rid)
                 if sr is not None and not sr.done:

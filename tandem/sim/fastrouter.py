@@ -30,14 +30,22 @@ from __future__ import annotations
 import heapq
 import math
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence, cast
+
+try:                                    # only read by mypyc (python -m tandem.compile)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover
+    def mypyc_attr(*_a: Any, **_kw: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 import tandem.router.kv_router as _kr
 from tandem.router.kv_router import KvRouter, NoWorkers, RouterConfig, WorkerView, _Active, pool_roles
 
+_MISSING = object()
 _POOLS_OF = {"both": ("both", "prefill", "decode"), "prefill": ("prefill",), "decode": ("decode",)}
 
 
+@mypyc_attr(native_class=False)        # a dict subclass: a regular class even when compiled
 class _IndexedCache(OrderedDict):
     """A worker's `cached` dict that keeps a global hash -> {worker ids} index up to date."""
 
@@ -68,14 +76,12 @@ class _IndexedCache(OrderedDict):
         OrderedDict.__delitem__(self, h)
         self._unindex(h)
 
-    _MISSING = object()
-
     def pop(self, h, default=_MISSING):
         if h in self:
             v = OrderedDict.pop(self, h)
             self._unindex(h)
             return v
-        if default is self._MISSING:
+        if default is _MISSING:
             raise KeyError(h)
         return default
 
@@ -113,6 +119,7 @@ class _IdxView(WorkerView):
 class IndexedKvRouter(KvRouter):
     def __init__(self, config: RouterConfig | None = None, unique_from: int = 1 << 62, index: bool = True):
         super().__init__(config)
+        self._iw = cast("dict[str, _IdxView]", self.workers)   # the same dict, typed: every view is an _IdxView
         self._unique_from = unique_from
         self._indexing = index            # False: every block hash is unique to its request
         self._index: dict[int, set] = {}
@@ -136,14 +143,15 @@ class IndexedKvRouter(KvRouter):
             w = _IdxView(worker_id)
             if self._indexing:
                 w.cached = _IndexedCache(self._index, worker_id, self._unique_from)
-            self.workers[worker_id] = w
+            self._iw[worker_id] = w
             self._ranked = False
-        w = super().add_worker(worker_id, role, block_size, num_kv_blocks, max_num_seqs)
+        super().add_worker(worker_id, role, block_size, num_kv_blocks, max_num_seqs)
+        w = self._iw[worker_id]
         self._touch(w)
         return w
 
     def remove_worker(self, worker_id: str) -> None:
-        w = self.workers.get(worker_id)
+        w = self._iw.get(worker_id)
         if w is not None:
             w.cached.clear()
             w.version += 1
@@ -152,12 +160,12 @@ class IndexedKvRouter(KvRouter):
 
     def set_role(self, worker_id: str, role: str) -> None:
         super().set_role(worker_id, role)
-        w = self.workers.get(worker_id)
+        w = self._iw.get(worker_id)
         if w is not None:
             self._touch(w)
 
     def set_alive(self, worker_id: str, alive: bool) -> None:
-        w = self.workers.get(worker_id)
+        w = self._iw.get(worker_id)
         if w is not None:
             w.alive = alive
             self._touch(w)
@@ -169,13 +177,13 @@ class IndexedKvRouter(KvRouter):
 
     def update_load(self, worker_id: str, stats: dict) -> None:
         super().update_load(worker_id, stats)
-        w = self.workers.get(worker_id)
+        w = self._iw.get(worker_id)
         if w is not None:
             self._touch(w)
 
     def on_assign(self, worker_id: str, request_id: str, hashes: Sequence[int], prompt_len: int,
                   overlap: int | None = None) -> None:
-        w = self.workers.get(worker_id)
+        w = self._iw.get(worker_id)
         if w is None:
             return
         old = w.active.get(request_id)
@@ -193,16 +201,20 @@ class IndexedKvRouter(KvRouter):
         self._touch(w)
 
     def on_first_token(self, worker_id: str, request_id: str) -> None:
-        w = self.workers.get(worker_id)
-        a = w.active.get(request_id) if w else None
+        w = self._iw.get(worker_id)
+        if w is None:
+            return
+        a = w.active.get(request_id)
         if a is not None and not a.prefilled:
             a.prefilled = True
             w.local_prefill -= a.new_blocks
             self._touch(w)
 
     def on_tokens(self, worker_id: str, request_id: str, num_output_tokens: int) -> None:
-        w = self.workers.get(worker_id)
-        a = w.active.get(request_id) if w else None
+        w = self._iw.get(worker_id)
+        if w is None:
+            return
+        a = w.active.get(request_id)
         if a is not None:
             bs = max(1, w.block_size)
             if not a.prefilled:
@@ -213,7 +225,7 @@ class IndexedKvRouter(KvRouter):
             self._touch(w)
 
     def on_finish(self, worker_id: str, request_id: str) -> None:
-        w = self.workers.get(worker_id)
+        w = self._iw.get(worker_id)
         if w is None:
             return
         a = w.active.pop(request_id, None)
@@ -297,7 +309,7 @@ class IndexedKvRouter(KvRouter):
         self._heaps = {p: [] for p in pools}
         self._dirty.clear()
         self._live = 0
-        for w in self.workers.values():
+        for w in self._iw.values():
             if w.alive:
                 entry = self._entry(w)
                 for p in _POOLS_OF.get(w.role, ()):
@@ -309,7 +321,7 @@ class IndexedKvRouter(KvRouter):
 
     def _valid(self, entry, roles) -> bool:
         w = self._by_rank[(entry >> _VB) & _RM]
-        return entry & _VM == w.version and w.alive and w.role in roles and self.workers.get(w.worker_id) is w
+        return entry & _VM == w.version and w.alive and w.role in roles and self._iw.get(w.worker_id) is w
 
     # ------------------------------------------------------------------ selection
     def select(self, hashes: Sequence[int], prompt_len: int, pool: str = "both",
@@ -350,7 +362,7 @@ class IndexedKvRouter(KvRouter):
         full = self.config.full_kv_usage
         best_w = w
         best_ov = 0
-        pblocks_of = {}
+        pblocks_of: dict[Any, int] = {}
         best = None
         max_ov = 0
         if hashes and self._indexing:
@@ -359,7 +371,7 @@ class IndexedKvRouter(KvRouter):
                 now = _now()
                 best = self._unpack(top, best_w)
                 for wid in sorted(holders):
-                    w = self.workers.get(wid)
+                    w = self._iw.get(wid)
                     if w is None or not w.alive or w.role not in roles or wid in ex:
                         continue
                     pb = pblocks_of.get(w.block_size)

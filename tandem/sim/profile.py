@@ -222,7 +222,7 @@ class SimProfile:
     def load(cls, path: str) -> "SimProfile":
         if path.startswith("synthetic"):
             _, _, size = path.partition(":")
-            return cls(synthetic_profile(**_SYNTH.get(size or "8b", {})), source=path)
+            return cls(synthetic_profile(**_SYNTH.get(size or "8b", {})), source=path)  # type: ignore[arg-type]
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)

@@ -185,6 +185,12 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
     return out
 
 
+def _compiled_modules() -> list[str]:
+    import sys
+    from tandem._compiled import MODULES
+    return [m for m in MODULES if not getattr(sys.modules.get(m), "__file__", ".py").endswith(".py")]
+
+
 def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster | None]:
     """Run the simulation for planned requests; returns (report, cluster); the cluster is None
     with `--shards` > 1 (its domains ran in other processes)."""
@@ -318,6 +324,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
             "speedup": round(virtual / wall, 2) if wall > 0 else None,
             "cpu_s": round(cpu, 3),
             "speedup_cpu": round(virtual / cpu, 2) if cpu > 0 else None,
+            "compiled": _compiled_modules(),          # mypyc extensions in use (python -m tandem.compile)
             "events": stats["events"],
             "engine_steps": stats["steps"],
             "window_steps": stats["win_steps"],

@@ -222,6 +222,7 @@ def test_fast_forward_equals_per_step_with_overheads(profile_dict, quantiles, pe
         assert d90 > d50
 
 
+@pytest.mark.needs_source
 @pytest.mark.parametrize("flags", [("--gpus", "1"), ("--gpus", "2", "--prefix-caching", "on")])
 def test_window_rebase_keeps_results(profile_dict, monkeypatch, flags):
     """Long decode windows are renumbered (old step end times dropped) every few steps: records
