@@ -186,9 +186,18 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
 
 
 def _compiled_modules() -> list[str]:
+    """The compiled extensions this run uses (loaded here, or what a domain process will load)."""
+    import importlib.util
     import sys
     from tandem._compiled import MODULES
-    return [m for m in MODULES if not getattr(sys.modules.get(m), "__file__", ".py").endswith(".py")]
+
+    def origin(m: str) -> str:
+        mod = sys.modules.get(m)
+        if mod is not None:
+            return getattr(mod, "__file__", None) or ""
+        spec = importlib.util.find_spec(m)
+        return (spec.origin or "") if spec else ""
+    return [m for m in MODULES if not origin(m).endswith(".py")]
 
 
 def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster | None]:
