@@ -27,6 +27,7 @@ pool (`both` workers serve every pool).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import time
@@ -332,7 +333,7 @@ class KvRouter:
     def snapshot(self) -> dict:
         return {
             "mode": self.config.mode,
-            "weights": vars(self.config.weights),
+            "weights": dataclasses.asdict(self.config.weights),
             "decisions": dict(self.decisions),
             "workers": {wid: {"role": w.role, "active_requests": w.num_active, "prefill_blocks": w.prefill_blocks,
                               "active_blocks": w.active_blocks, "cached_blocks_known": len(w.cached),
