@@ -3,6 +3,13 @@ import-light: `tandem/__init__` checks it on every import)."""
 from __future__ import annotations
 
 import os
+from typing import Any
+
+try:                                    # the class attribute mypyc reads (python -m tandem.compile)
+    from mypy_extensions import mypyc_attr
+except ImportError:  # pragma: no cover
+    def mypyc_attr(*_a: Any, **_kw: Any) -> Any:  # type: ignore[misc]
+        return lambda cls: cls
 
 MODULES = (
     "tandem.engine.request",
@@ -20,6 +27,21 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # the folde
 
 def _path(mod: str) -> str:
     return os.path.join(*mod.split(".")) + ".py"
+
+
+def compiled_modules() -> list[str]:
+    """The modules of MODULES that run compiled: as loaded in this process, else as an import (or a
+    forked domain process) would load them."""
+    import importlib.util
+    import sys
+
+    def origin(m: str) -> str:
+        mod = sys.modules.get(m)
+        if mod is not None:
+            return getattr(mod, "__file__", None) or ""
+        spec = importlib.util.find_spec(m)
+        return (spec.origin or "") if spec else ""
+    return [m for m in MODULES if not origin(m).endswith(".py")]
 
 
 def stale() -> list[str]:
@@ -48,7 +70,8 @@ def prefer_source() -> None:
     ours = os.path.join(ROOT, "tandem")
 
     def hook(path: str):
-        if not os.path.abspath(path).startswith(ours):    # other packages keep their own loaders
+        p = os.path.abspath(path)
+        if p != ours and not p.startswith(ours + os.sep):   # other packages keep their own loaders
             raise ImportError("not a tandem folder")
         return source_first(path)
     sys.path_hooks.insert(0, hook)

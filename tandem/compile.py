@@ -16,13 +16,12 @@ script finds it whatever the working directory.
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 
-from tandem._compiled import GROUP, MODULES, ROOT, _path, stale  # noqa: F401  (stale: part of the CLI's API)
+from tandem._compiled import GROUP, MODULES, ROOT, _path, compiled_modules
 
 
 def _extensions() -> list[str]:
@@ -36,12 +35,8 @@ def _extensions() -> list[str]:
 
 def status() -> dict[str, bool]:
     """Module -> whether an import would load the compiled extension (not the source)."""
-    res = {}
-    for mod in MODULES:
-        spec = importlib.util.find_spec(mod)
-        origin = (spec.origin or "") if spec else ""
-        res[mod] = not origin.endswith(".py")
-    return res
+    done = set(compiled_modules())
+    return {mod: mod in done for mod in MODULES}
 
 
 def clean() -> int:

@@ -23,20 +23,20 @@ if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
 
-
 def pytest_configure(config):
     """A compiled extension older than its source (tandem/compile.py) would test old code."""
     config.addinivalue_line("markers", "needs_source: monkeypatches a module that tandem.compile compiles; "
                             "skipped when compiled, run under TANDEM_PURE_PYTHON=1 by tests/sim/test_compiled.py")
     from tandem._compiled import stale
-    if stale():
-        raise pytest.UsageError(f"compiled {stale()} older than the source: run `make test` (or `python -m "
+    old = stale()
+    if old:
+        raise pytest.UsageError(f"compiled {old} older than the source: run `make test` (or `python -m "
                                 "tandem.compile`, or `python -m tandem.compile --clean` for pure Python)")
 
 
 def pytest_collection_modifyitems(config, items):
-    from tandem.compile import status
-    if os.environ.get("TANDEM_PURE_PYTHON", "") not in ("", "0") or not any(status().values()):
+    from tandem._compiled import compiled_modules
+    if not compiled_modules():          # pure Python (TANDEM_PURE_PYTHON=1 included): they run as they are
         return
     skip = pytest.mark.skip(reason="monkeypatches a compiled module: tests/sim/test_compiled.py runs it as Python")
     for item in items:

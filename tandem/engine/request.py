@@ -9,7 +9,7 @@ from typing import Any, MutableSequence, Sequence
 from tandem.common.sampling import PRIORITIES, SamplingParams
 
 
-_RANK = {p: i for i, p in enumerate(PRIORITIES)}
+PRIORITY_RANK = {p: i for i, p in enumerate(PRIORITIES)}   # lower is served first
 
 
 class Status(enum.Enum):
@@ -51,7 +51,7 @@ class Request:
     _graph_bt: Any = field(default=None, init=False, repr=False)   # the CUDA-graph runner's row state
 
     def __post_init__(self) -> None:
-        rank = _RANK.get(self.priority)
+        rank = PRIORITY_RANK.get(self.priority)
         if rank is None:
             raise ValueError(self.priority)
         self.rank = rank

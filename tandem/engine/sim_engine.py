@@ -40,21 +40,15 @@ import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence, cast
 
-try:                                    # only read by mypyc (python -m tandem.compile)
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pragma: no cover
-    def mypyc_attr(*_a: Any, **_kw: Any) -> Any:  # type: ignore[misc]
-        return lambda cls: cls
-
+from tandem._compiled import mypyc_attr
 from tandem.common.errors import InvalidParams
 from tandem.common.outputs import EngineStats, RequestOutput
 from tandem.common.sampling import PRIORITIES, SamplingParams
 from tandem.engine.kv_cache import KVCacheManager, check_request_fits, import_kv_blocks
-from tandem.engine.request import Request, Status
+from tandem.engine.request import PRIORITY_RANK, Request, Status
 from tandem.engine.scheduler import ScheduledBatch, Scheduler
 
 SIM_TOKEN = 1                 # the token id every simulated step generates
-_PRIO_RANK = {p: i for i, p in enumerate(PRIORITIES)}
 _PROMPTS: dict[int, list[int]] = {}     # synthetic prompts by length (read-only, shared)
 
 IDLE, STEP, WINDOW, BOUNDARY = 0, 1, 2, 3
@@ -111,14 +105,14 @@ def synthetic_prompt(n: int) -> list[int]:
 
 class SimRequest(Request):
     """`Request` plus simulator bookkeeping. Its `__init__` sets every `Request` field itself, without
-    the dataclass machinery (~3 us a request interpreted); `tests/sim/test_sim_engine.py` checks it
+    the dataclass machinery (~3 us a request interpreted); `tests/sim/test_compiled.py` checks it
     against the base class field by field. A synthetic prompt's `all_token_ids` is a `SimTokens`
     count instead of a copy."""
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                  priority: str = "interactive", arrival_time: float = 0.0,
                  output_token_ids: list[int] | None = None, hold_kv: bool = False) -> None:
-        rank = _PRIO_RANK.get(priority)
+        rank = PRIORITY_RANK.get(priority)
         if rank is None:
             raise ValueError(priority)
         out: list[int] = output_token_ids if output_token_ids is not None else []
@@ -307,7 +301,7 @@ class SimEngine:
         """Queue a request (as `Engine.add_request`). `prompt` is a list of token ids or a length.
         Discrete-event callers must `sync(now)` first and `kick(now)` after."""
         params = params or SamplingParams()
-        if priority not in _PRIO_RANK:
+        if priority not in PRIORITY_RANK:
             raise InvalidParams(f"priority must be one of {PRIORITIES}, got {priority!r}", "priority")
         if request_id in self.requests or request_id in self.held:
             raise InvalidParams(f"duplicate request id {request_id!r}", "request_id")

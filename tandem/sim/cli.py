@@ -27,9 +27,9 @@ examples:
       --profile profiles/h100_llama-3.1-8b.json --time-scale 0.1 --out sim.json --plot plots/
   tandem sim --workload bursty --rate 20 --duration 600 --prefill 2 --decode 6 --planner \\
       --slo-ttft-ms 1000 --slo-tpot-ms 50 --profile synthetic:8b --out b.json
-  # 1,000 GPUs for the whole trace: 8 router domains (within 1% of one router), on every core
+  # 1,000 GPUs for the whole trace: 16 router domains (within 3% of one router), on every core
   tandem sim --trace ../shared/traces/azure2023_conv_181546-184500.csv --gpus 1000 --replicate 2700 \\
-      --shards 8 --block-size 64 --records none --profile profiles/h100_llama-3.1-8b.json --out g.json
+      --shards 16 --block-size 64 --records none --token-times none --profile profiles/h100_llama-3.1-8b.json --out g.json
   # validation: the same flags as the bench run against `tandem serve` on one GPU
   tandem sim --trace conv.csv --duration 300 --gpus 1 --profile P.json --out sim.json
 

@@ -31,14 +31,8 @@ import heapq
 import math
 from collections import OrderedDict
 from typing import Any, Iterable, Sequence, cast
-
-try:                                    # only read by mypyc (python -m tandem.compile)
-    from mypy_extensions import mypyc_attr
-except ImportError:  # pragma: no cover
-    def mypyc_attr(*_a: Any, **_kw: Any) -> Any:  # type: ignore[misc]
-        return lambda cls: cls
-
 import tandem.router.kv_router as _kr
+from tandem._compiled import mypyc_attr
 from tandem.router.kv_router import KvRouter, NoWorkers, RouterConfig, WorkerView, _Active, pool_roles
 
 _MISSING = object()

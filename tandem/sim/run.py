@@ -20,6 +20,7 @@ import random
 import time
 from dataclasses import replace
 
+from tandem._compiled import compiled_modules
 from tandem.engine.sim_engine import SimEngineConfig
 from tandem.sim.cluster import ClusterConfig, SimCluster
 from tandem.sim.profile import SimProfile
@@ -185,21 +186,6 @@ def resolve_overheads(args, profile: SimProfile) -> dict:
     return out
 
 
-def _compiled_modules() -> list[str]:
-    """The compiled extensions this run uses (loaded here, or what a domain process will load)."""
-    import importlib.util
-    import sys
-    from tandem._compiled import MODULES
-
-    def origin(m: str) -> str:
-        mod = sys.modules.get(m)
-        if mod is not None:
-            return getattr(mod, "__file__", None) or ""
-        spec = importlib.util.find_spec(m)
-        return (spec.origin or "") if spec else ""
-    return [m for m in MODULES if not origin(m).endswith(".py")]
-
-
 def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, SimCluster | None]:
     """Run the simulation for planned requests; returns (report, cluster); the cluster is None
     with `--shards` > 1 (its domains ran in other processes)."""
@@ -333,7 +319,7 @@ def simulate(args, reqs: list, src_info: dict, progress=None) -> tuple[dict, Sim
             "speedup": round(virtual / wall, 2) if wall > 0 else None,
             "cpu_s": round(cpu, 3),
             "speedup_cpu": round(virtual / cpu, 2) if cpu > 0 else None,
-            "compiled": _compiled_modules(),          # mypyc extensions in use (python -m tandem.compile)
+            "compiled": compiled_modules(),           # mypyc extensions in use (python -m tandem.compile)
             "events": stats["events"],
             "engine_steps": stats["steps"],
             "window_steps": stats["win_steps"],
