@@ -114,6 +114,8 @@ class Planner:
         self._last_hold: dict[str, float] = {}
         self._needs: deque[tuple[float, int, int, float, float, float, float]] = deque()
         self._loads: deque[tuple[float, float, float]] = deque()
+        # (t, load) with decreasing loads: the peak of the last hedge_window_s at the front
+        self._peaks: tuple[deque[tuple[float, float]], deque[tuple[float, float]]] = (deque(), deque())
         self._pressure_why: dict[str, list[str]] = {"prefill": [], "decode": []}
         self._flap = 0.0                   # flap-damping penalty (reversals, decaying) at _flap_t
         self._flap_t = 0.0
@@ -281,7 +283,9 @@ class Planner:
             floors = (math.ceil(self._cycle_mean[0] - 1e-9), math.ceil(self._cycle_mean[1] - 1e-9))
             inputs["flap"]["cycle_floor"] = {"prefill": floors[0], "decode": floors[1]}
             m["cycle_floor"] = floors
-        target_p, regime = self._target_split(G, P, need_p, need_d, load_p, load_d, floors)
+        hedge = self._hedge(now, now_need[2], now_need[3])
+        inputs["hedge"] = {"prefill_load": _r(hedge[0]), "decode_load": _r(hedge[1])}
+        target_p, regime = self._target_split(G, P, need_p, need_d, load_p, load_d, floors, hedge)
         if idle:
             regime = "idle"
             if (cfg.idle_split is not None and self._idle_since is not None
@@ -451,6 +455,21 @@ class Planner:
         mp = max(v * math.exp(-(now - t) / tau) for t, v, _ in q)
         md = max(v * math.exp(-(now - t) / tau) for t, _, v in q)
         return mp, md
+
+    def _hedge(self, now: float, lp: float, ld: float) -> tuple[float, float]:
+        """Each pool's peak planned load over the last `hedge_window_s` (sliding maximum)."""
+        w = self.cfg.hedge_window_s
+        if w <= 0:
+            return lp, ld
+        out = []
+        for q, v in zip(self._peaks, (lp, ld)):
+            while q and q[-1][1] <= v:
+                q.pop()
+            q.append((now, v))
+            while q[0][0] < now - w:
+                q.popleft()
+            out.append(q[0][1])
+        return out[0], out[1]
 
     def _keep(self, need: int, load: float, memory: float) -> int:
         """Workers a donor pool must keep: its need, (1 + h) x its planned load, and enough that
@@ -751,12 +770,21 @@ class Planner:
         return max(up, ud)
 
     def _target_split(self, G: int, P: int, need_p: int, need_d: int, x: float, y: float,
-                      floors: Optional[tuple[int, int]] = None) -> tuple[int, str]:
+                      floors: Optional[tuple[int, int]] = None,
+                      hedge: Optional[tuple[float, float]] = None) -> tuple[int, str]:
+        """The prefill pool size to move toward, and the regime. Within budget: each pool gets its
+        need, and the slack goes where it evens the pools' utilisation at their peak loads of the
+        last `hedge_window_s` (`hedge`). Evening it at the loads of now gave a chat phase's decode
+        pool every spare worker; the summarization phase that came back 60 s later found the
+        prefill pool at 19 of 64 GPUs where the static split keeps 28, and queued 1.6M prompt
+        tokens (`bursty-swing` x1.4 at 64 GPUs: 97.0 % against the static split's 100 %)."""
         if G <= 0:
             return 0, "empty"
         feasible = need_p + need_d <= G
         if feasible:
             lo, hi = self._clamp_p(need_p, G), self._clamp_p(G - need_d, G)
+            if hedge is not None and floors is None:
+                x, y = max(x, hedge[0]), max(y, hedge[1])
         elif floors is not None and floors[0] + floors[1] <= G:
             lo, hi = self._clamp_p(floors[0], G), self._clamp_p(G - floors[1], G)
         elif floors is not None and self._cycle_mean[0] + self._cycle_mean[1] > 0:

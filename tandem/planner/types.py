@@ -210,6 +210,9 @@ class PlannerConfig:
     hysteresis: float = 0.15                 # donor keeps (1+h) x its need; balance gain must be h
     peak_window_s: float = 10.0              # plan for the largest need of this recent past (0: off)
     donor_memory_s: float = 30.0             # a donor keeps room for its recent load, decaying (0: off)
+    # a balance move within budget spreads the slack by the pools' peak loads of this recent past,
+    # not by their loads now: the pool that carried the last phase keeps room for its return (0: off)
+    hedge_window_s: float = 300.0
     # flap damping: each reversal of flip direction within flap_hold_s of the last flip adds 1
     # to a penalty that halves every flap_half_life_s; from flap_suppress until it decays to
     # flap_reuse the planner plans for the peaks of the last flap_hold_s (the cycle), not for
@@ -265,6 +268,7 @@ class PlannerConfig:
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
                      "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s",
+                     "hedge_window_s",
                      "flap_suppress", "flap_reuse", "flap_half_life_s", "flap_hold_s", "flap_trial_margin",
                      "flap_trial_min_s"):
             if not finite(getattr(self, name), -1) >= 0:
