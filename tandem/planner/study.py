@@ -86,6 +86,8 @@ def sim_argv(spec: dict) -> list[str]:
             a += [flag, str(v)]
     if spec.get("block_size"):
         a += ["--block-size", str(spec["block_size"])]
+    if spec.get("shards"):     # independent router + planner domains (tandem.sim.shards)
+        a += ["--shards", str(spec["shards"]), "--jobs", "1"]
     # the study (sessions 2-5) ran before the sim took `tandem serve`'s routing and planner defaults:
     # every prompt prefilled remotely, one prefill worker always kept. Pinned so its numbers reproduce
     a += ["--local-prefill-tokens", str(spec.get("local_prefill_tokens", 0))]
