@@ -874,14 +874,19 @@ class Planner:
             else:
                 fb_keep_p = max(math.ceil(m["need_now_p"] * (1 + h)), keep_p)
                 fb_keep_d = max(math.ceil(m["need_now_d"] * (1 + h)), keep_d)
+            # one flip per `feedback_gpus` GPUs of the budget (at least one): a measured miss moves
+            # the same share of a large cluster as of a small one
+            step = max(1, G // cfg.feedback_gpus) if cfg.feedback_gpus > 0 else 1
             if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
                     cfg.min_decode, fb_keep_d):
-                move, why = 1, (f"feedback: prefill misses its SLO "
-                                f"({', '.join(self._pressure_why['prefill'])}) and decode has slack")
+                move = min(step, D - max(cfg.min_decode, fb_keep_d))
+                why = (f"feedback: prefill misses its SLO "
+                       f"({', '.join(self._pressure_why['prefill'])}) and decode has slack")
             elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
                     cfg.min_prefill, fb_keep_p):
-                move, why = -1, (f"feedback: decode misses its SLO "
-                                 f"({', '.join(self._pressure_why['decode'])}) and prefill has slack")
+                move = -min(step, P - max(cfg.min_prefill, fb_keep_p))
+                why = (f"feedback: decode misses its SLO "
+                       f"({', '.join(self._pressure_why['decode'])}) and prefill has slack")
         if move == 0:
             return 0, ""
         if m.get("damped"):

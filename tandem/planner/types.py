@@ -226,6 +226,10 @@ class PlannerConfig:
     high_watermark: float = 0.8              # balance moves only when the bottleneck is above this
     max_flips_per_tick: int = 0              # 0: auto = max(1, round(flip_frac_per_tick x GPUs))
     flip_frac_per_tick: float = 0.15         # 64 GPUs: 9 a tick (0.05 took ~11 s to carry a swing edge)
+    # a measured-SLO feedback tick flips one worker per this many GPUs of the budget, at least one
+    # (0: always one). One flip every 2 s is 1.6 % of 64 GPUs but 0.2 % of 512: there a swing's
+    # edge waited on it (bursty-swing x1.55 at 512 GPUs: 92.3 % with one, 94.3 % with G // 64)
+    feedback_gpus: int = 64
     min_prefill: int = 1                     # 0: the prefill pool may empty (decode workers prefill)
     min_decode: int = 1
     # an empty prefill pool (min_prefill 0) is planned only when the decode workers can absorb the
@@ -265,6 +269,8 @@ class PlannerConfig:
             v = finite(getattr(self, name), -1)
             if not 0 < v <= 1:
                 raise ValueError(f"{name} must be in (0, 1], got {getattr(self, name)}")
+        if not isinstance(self.feedback_gpus, int) or self.feedback_gpus < 0:
+            raise ValueError(f"feedback_gpus must be an int >= 0, got {self.feedback_gpus!r}")
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
                      "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s",

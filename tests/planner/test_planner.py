@@ -269,3 +269,19 @@ def test_balance_keeps_room_for_the_phase_that_just_ended(prof):
     # the hedge never starves the pool that is busy now: decode has what it needs
     assert inp["need"]["decode"] <= inp["split"]["decode"]
     assert inp["hedge"]["prefill_load"] > inp["need"]["prefill_load"]
+
+
+@pytest.mark.parametrize("G, fb, step", [(8, 64, 1), (64, 64, 1), (256, 64, 4), (512, 64, 8), (512, 0, 1)])
+def test_feedback_moves_a_share_of_the_budget(prof, G, fb, step):
+    """Measured-SLO feedback flips one worker per `feedback_gpus` GPUs (at least one): one flip a
+    tick was 1.6 % of 64 GPUs but 0.2 % of 512, where a swing's edge waited on it."""
+    pl = Planner(cfg(feedback_gpus=fb), prof)
+    P = D = G // 2
+    m = {"need_now_p": P, "need_now_d": 1, "load_now_p": float(P), "load_now_d": 1.0,
+         "memory_load_p": 0.0, "memory_load_d": 0.0, "keep_ev_p": P, "keep_ev_d": 1,
+         "prefill_pressure": True, "decode_pressure": False}
+    pl._pressure_why = {"prefill": ["TTFT p90 1500 ms"], "decode": []}
+    # over budget, the overload already even (no equalising move): only feedback moves
+    move, why = pl._choose_move(100.0, P, D, G, P, P + D, D, float(P + D), float(D), "infeasible", m)
+    assert why.startswith("feedback: prefill misses its SLO")
+    assert move == step
