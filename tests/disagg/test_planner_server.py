@@ -237,3 +237,32 @@ def test_zero_traffic_60s_no_flip_no_nan(servers):
     assert all(v == v and abs(v) != float("inf") for v in m.values()), [k for k, v in m.items() if v != v]
     assert m['tandem_planner_flips_total{direction="prefill->decode"}'] == 0
 
+
+
+def test_planner_sees_a_first_token_while_the_request_still_streams(servers):
+    """The planner's window gets each first token when it is sent, not at the request's finish: a
+    chat streaming for longer than the window (2 s here) must show in the measured TTFT while it
+    streams. (Reported at the finish, backdated, it fell out of the window: on two 8B workers the
+    planner read a TTFT p90 of 0 ms through chat floods whose client-side p90 was 1.5 s.)"""
+    _, s = servers
+    c = OpenAI(base_url=s.base_url, api_key="none", max_retries=0, timeout=120)
+    seen_ttft, n_after, finished_at = None, 0, None
+    stream = c.completions.create(model="tiny", prompt=[11, 12, 13, 14], max_tokens=1500, temperature=0,
+                                  stream=True, extra_body={"ignore_eos": True})
+    t_first = None
+    for ch in stream:
+        if t_first is None:
+            t_first = time.monotonic()
+        elif seen_ttft is None:
+            # poll between chunks until a tick has read the window (ticks every 0.25 s)
+            m = s.cluster()["planner"]["last_inputs"].get("measured", {})
+            if time.monotonic() - t_first > 0.6:
+                seen_ttft = m.get("ttft_p90_ms", 0.0)
+        else:
+            n_after += 1
+        if ch.choices and ch.choices[0].finish_reason:
+            finished_at = time.monotonic()
+    c.close()
+    assert finished_at is not None
+    assert seen_ttft is not None and seen_ttft > 0, seen_ttft
+    assert n_after > 0, "the request had finished before the planner's window was read"
