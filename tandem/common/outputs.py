@@ -18,6 +18,7 @@ class RequestOutput:
     # per new token: {"token_id": int, "logprob": float, "top": [[token_id, logprob], ...]}
     logprobs: list[dict] | None = None
     error: str | None = None
+    queue_s: float | None = None          # on the output with the first token: arrival -> first scheduled
 
 
 @dataclass

@@ -137,6 +137,7 @@ class SimRequest(Request):
         self.seq = 0
         self.finish_reason = None
         self.held_at = 0.0
+        self.first_scheduled_at = 0.0
         self.detok = None
         self.generator = None
         self.sample_row = None

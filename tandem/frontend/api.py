@@ -513,7 +513,7 @@ class _Run:
             # and the planner read 0 ms TTFT p90 through chat floods on the GPU (session 8)
             planner = self.st.extra.get("planner")
             if planner is not None:
-                planner.window.on_first_token(fa, self.prep.priority, fa - self.prep.arrival)
+                planner.window.on_first_token(fa, self.prep.priority, fa - self.prep.arrival, d.queue_s)
         self.n_out[i] = d.num_output_tokens or (self.n_out[i] + len(d.new_token_ids))
         self.n_cached[i] = d.num_cached_tokens
         if d.finished:

@@ -84,12 +84,13 @@ class Delta:
     error_status: int | None = None
     error_code: str | None = None
     error_param: str | None = None
+    queue_s: float | None = None         # with the first token: the request's wait for its first step
 
     @classmethod
     def from_output(cls, o: Any) -> "Delta":
         return cls(o.request_id, list(o.new_token_ids), o.new_text, o.finished, o.finish_reason,
                    o.num_prompt_tokens, o.num_output_tokens, o.num_cached_tokens, o.logprobs,
-                   getattr(o, "error", None))
+                   getattr(o, "error", None), queue_s=getattr(o, "queue_s", None))
 
     @classmethod
     def failure(cls, request_id: str, message: str, status: int = 500, code: str = "internal_error",

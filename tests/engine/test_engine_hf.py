@@ -7,6 +7,7 @@ from tandem import LLM, SamplingParams
 from tandem.common.errors import ContextTooLong, InvalidParams, ModelDirError
 from tandem.engine.config import EngineConfig
 from tandem.engine.engine import Engine
+from tandem.worker.protocol import Delta, Deltas, decode, encode
 
 N_NEW = 12
 GREEDY = SamplingParams(temperature=0, max_tokens=N_NEW, ignore_eos=True)
@@ -176,3 +177,26 @@ def test_detach_and_continue_elsewhere(llama_dir, tmp_path):
             text += d.new_text
     assert toks == ref.token_ids and text == ref.text
     assert b.stats().prompt_tokens_computed == 0
+
+
+def test_first_output_reports_the_queue_wait(llama_dir):
+    """The output with a request's first token says how long it waited for its first step (the
+    planner's prefill queue wait); later outputs do not. A request admitted behind a full batch
+    (max_num_seqs 1) waits for the one ahead of it to finish."""
+    eng = Engine(EngineConfig(llama_dir, device="cpu", max_num_seqs=1))
+    p = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    eng.add_request("a", list(range(3, 40)), p)
+    eng.add_request("b", list(range(5, 30)), p)
+    first, later = {}, []
+    while eng.has_unfinished_requests():
+        for o in eng.step():
+            # what the worker sends the frontend (whose planner window takes it with the first token)
+            o = decode(encode(Deltas("w0", [Delta.from_output(o)]))).outputs[0]
+            if o.new_token_ids and o.request_id not in first:
+                first[o.request_id] = o.queue_s
+            elif o.new_token_ids:
+                later.append(o.queue_s)
+    assert set(first) == {"a", "b"}
+    assert first["a"] is not None and first["a"] >= 0
+    assert first["b"] is not None and first["b"] > first["a"]
+    assert later and all(q is None for q in later)
