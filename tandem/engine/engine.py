@@ -178,7 +178,7 @@ class Engine:
         """Run a scheduled batch's forward and queue its sampling (no host sync)."""
         now = time.monotonic()
         for req in batch.reqs:
-            if req.first_scheduled_at == 0.0:
+            if req.first_scheduled_at is None:
                 req.first_scheduled_at = now
         sample_reqs, logits = self.runner.execute(batch)
         for req, n in zip(batch.reqs, batch.num_new_tokens):
@@ -383,8 +383,9 @@ class Engine:
         new_text = req.text[req.sent_text_len:end]
         req.sent_text_len = end
         new_ids = req.output_token_ids[req.sent_tokens:]
-        queue_s = (max(0.0, req.first_scheduled_at - req.arrival_time)
-                   if req.sent_tokens == 0 and new_ids and req.first_scheduled_at > 0.0 else None)
+        t_sched = req.first_scheduled_at
+        queue_s = (max(0.0, t_sched - req.arrival_time)
+                   if req.sent_tokens == 0 and new_ids and t_sched is not None else None)
         req.sent_tokens = req.num_output_tokens
         lps, req.pending_logprobs = (req.pending_logprobs or None), []
         return RequestOutput(req.request_id, new_ids, new_text, finished, req.finish_reason if finished else None,

@@ -39,7 +39,7 @@ class Request:
     seq: int = 0                          # admission order, FCFS tie-break
     finish_reason: str | None = None
     held_at: float = 0.0
-    first_scheduled_at: float = 0.0       # when a step first ran it (0: not yet): its queue wait for the planner
+    first_scheduled_at: float | None = None   # when a step first ran it: arrival -> this is its queue wait
     # per-request output state (set by the engine)
     detok: Any = None
     generator: Any = None

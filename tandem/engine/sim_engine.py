@@ -137,7 +137,7 @@ class SimRequest(Request):
         self.seq = 0
         self.finish_reason = None
         self.held_at = 0.0
-        self.first_scheduled_at = 0.0
+        self.first_scheduled_at = None
         self.detok = None
         self.generator = None
         self.sample_row = None
@@ -148,7 +148,6 @@ class SimRequest(Request):
         self.rank = rank
         self._graph_bt = None
         self.token_times: Any = None                  # time of every token this engine generated
-        self.t_sched: float | None = None             # first time the scheduler picked it
         self.owner: Any = None                        # the simulator's handle
         # decode-window state
         self.w_j0 = 0                                 # window step after which it joined
@@ -429,7 +428,7 @@ class SimEngine:
     def _batch_time(self, batch: ScheduledBatch, now: float, b: int, ctx: int, n_seqs: int) -> tuple[float, int, int]:
         """(duration, decodes, prefill tokens) of a step running `batch` besides b decodes of context sum
         ctx (n_seqs sequences) already counted: the profile's time plus the serving overheads. Marks
-        the batch's first-scheduled requests (`t_sched`)."""
+        the batch's first-scheduled requests (`first_scheduled_at`)."""
         pf = 0
         extra = extra_h = 0.0
         first_pf: SimRequest | None = None      # per-step admission cost: keyed by the first prefill
@@ -443,8 +442,8 @@ class SimEngine:
                 pf += n
                 if req.num_computed_tokens:
                     extra += prof.ctx_extra(req.num_computed_tokens, n)
-            if req.t_sched is None:
-                req.t_sched = now
+            if req.first_scheduled_at is None:
+                req.first_scheduled_at = now
                 if not self._ovh_per_step:
                     extra_h += self._new_cost(req)
                 elif first_pf is None:

@@ -877,14 +877,14 @@ class Planner:
             # one flip per `feedback_gpus` GPUs of the budget (at least one): a measured miss moves
             # the same share of a large cluster as of a small one
             step = max(1, G // cfg.feedback_gpus) if cfg.feedback_gpus > 0 else 1
-            if m["prefill_pressure"] and not m["decode_pressure"] and D - 1 >= max(
-                    cfg.min_decode, fb_keep_d):
-                move = min(step, D - max(cfg.min_decode, fb_keep_d))
+            room_d = D - max(cfg.min_decode, fb_keep_d)     # what each pool can give
+            room_p = P - max(cfg.min_prefill, fb_keep_p)
+            if m["prefill_pressure"] and not m["decode_pressure"] and room_d >= 1:
+                move = min(step, room_d)
                 why = (f"feedback: prefill misses its SLO "
                        f"({', '.join(self._pressure_why['prefill'])}) and decode has slack")
-            elif m["decode_pressure"] and not m["prefill_pressure"] and P - 1 >= max(
-                    cfg.min_prefill, fb_keep_p):
-                move = -min(step, P - max(cfg.min_prefill, fb_keep_p))
+            elif m["decode_pressure"] and not m["prefill_pressure"] and room_p >= 1:
+                move = -min(step, room_p)
                 why = (f"feedback: decode misses its SLO "
                        f"({', '.join(self._pressure_why['decode'])}) and prefill has slack")
         if move == 0:

@@ -408,7 +408,7 @@ class SimCluster:
         if sr is None or sr.t_first is not None:
             return
         sr.t_first = t
-        sr.t_sched = req.t_sched
+        sr.t_sched = req.first_scheduled_at
         sr.cached = req.num_cached_tokens
         self.router.on_first_token(w.name, sr.rid)
         if self.window is not None:
