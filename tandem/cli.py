@@ -122,6 +122,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--prefill-queue-factor", type=float, default=4.0,
                    help="disaggregated: prefill locally when the prefill pool's queue exceeds this multiple of "
                         "the decode worker's")
+    g.add_argument("--spill-batch", action="store_true",
+                   help="disaggregated: that rule sends batch prompts to decode workers too (off: batch work waits "
+                        "for the prefill pool); pair with --prefill-chunk-while-decoding to bound chat TPOT")
     g.add_argument("--planner", action="store_true",
                    help="run the planner: move workers between the prefill and decode pools in place")
     g.add_argument("--planner-profile", default=None,
@@ -164,6 +167,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g = p.add_argument_group("engine")
     g.add_argument("--max-num-seqs", type=int, default=None, help="max running requests per worker")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per engine step")
+    g.add_argument("--prefill-chunk-while-decoding", type=int, default=None,
+                   help="prompt tokens a step that carries decodes may add (default: the step budget); bounds what "
+                        "prompts prefilled on a decode worker (--spill-batch, --local-prefill-max-tokens) add to TPOT")
     g.add_argument("--num-kv-blocks", type=int, default=None, help="KV cache blocks per worker")
     g.add_argument("--block-size", type=int, default=None, help="tokens per KV block")
     g.add_argument("--dtype", default=None, help="auto | float32 | bfloat16 | float16")
@@ -193,7 +199,8 @@ def _batch_on_prefill(args) -> int:
 
 def _engine_config(args, device: str, n_workers: int) -> dict:
     cfg: dict = {"device": device}
-    for k in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "dtype", "max_model_len",
+    for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_while_decoding", "num_kv_blocks",
+              "block_size", "dtype", "max_model_len",
               "kv_cache_memory_gb", "gpu_memory_utilization", "seed"):
         v = getattr(args, k)
         if v is not None:
@@ -227,7 +234,8 @@ def _validate_serve_args(args) -> None:
             raise CLIError(f"planner: {e}") from None
     if args.workers is not None and args.workers < 1:
         raise CLIError("--workers must be >= 1")
-    for k in ("max_num_seqs", "max_num_batched_tokens", "num_kv_blocks", "block_size", "max_model_len"):
+    for k in ("max_num_seqs", "max_num_batched_tokens", "prefill_chunk_while_decoding", "num_kv_blocks",
+              "block_size", "max_model_len"):
         v = getattr(args, k)
         if v is not None and v < 1:
             raise CLIError(f"--{k.replace('_', '-')} must be >= 1")
@@ -235,6 +243,8 @@ def _validate_serve_args(args) -> None:
         raise CLIError("--port must be in 0..65535 (0: any free port)")
     if args.max_waiting < 0:
         raise CLIError("--max-waiting must be >= 0")
+    if args.prefill_queue_factor < 0 or args.local_prefill_max_tokens < 0:
+        raise CLIError("--prefill-queue-factor and --local-prefill-max-tokens must be >= 0")
 
 
 def _planner_config(args, engine_cfg: dict):
@@ -288,10 +298,10 @@ def build_server(args):
     router = KvRouter(RouterConfig(mode=args.router_mode, weights=RouterWeights(
         overlap_weight=args.kv_overlap_weight, decode_weight=args.kv_decode_weight,
         temperature=args.router_temperature)))
-    from tandem.frontend.client import DisaggPolicy
+    from tandem.router.disagg import DisaggPolicy
     client = EngineClient(runtime.out_addr, router, runtime, heartbeat_timeout=args.heartbeat_timeout,
                           disagg=DisaggPolicy(args.local_prefill_max_tokens, args.prefill_queue_factor,
-                                              _batch_on_prefill(args)))
+                                              _batch_on_prefill(args), args.spill_batch))
     specs = [WorkerSpec(f"w{i}", model_dir, roles[i] if roles else "both", dict(engine_cfg),
                         gpu=gpus[i] if device == "cuda" else None) for i in range(n)]
 

@@ -15,6 +15,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.85
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048       # per-step token budget (prefill chunks + decodes)
+    prefill_chunk_while_decoding: int | None = None  # prompt tokens a step with decodes may add (None: the budget)
     max_model_len: int | None = None         # default: model's max_position_embeddings
     enable_prefix_caching: bool = True
     aging_s: float = 30.0                    # a waiting request climbs one priority class per aging_s

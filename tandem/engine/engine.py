@@ -86,7 +86,8 @@ class Engine:
         self.model_config = self.runner.model_config
         self.max_model_len = self.runner.max_model_len
         self.kv = KVCacheManager(self.runner.num_kv_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.aging_s)
+        self.scheduler = Scheduler(self.kv, config.max_num_seqs, config.max_num_batched_tokens, config.aging_s,
+                                   prefill_chunk_while_decoding=config.prefill_chunk_while_decoding)
         self.requests: dict[str, Request] = {}
         self.held: dict[str, Request] = {}        # finished with hold_kv, awaiting export/release
         self._stats = EngineStats(kv_blocks_total=self.runner.num_kv_blocks)

@@ -10,6 +10,10 @@ interactive request is admitted in the very step it arrives even when the batch 
 work — the priority inversion of vLLM #40004 cannot happen. A waiting request that cannot get blocks
 stops admission of lower waiting ones (no bypass), but running ones keep decoding.
 
+`prefill_chunk_while_decoding` caps the prompt tokens a step may carry next to decodes (Sarathi's
+stall-free batching): a decode worker that takes prompts when the prefill pool is backed up
+(`tandem.router.disagg`) then keeps its decodes' step time, and so their TPOT, near a pure decode step.
+
 The scheduler owns no tensors; the simulated engine reuses it unchanged.
 """
 from __future__ import annotations
@@ -38,8 +42,9 @@ class ScheduledBatch:
 
 class Scheduler:
     def __init__(self, kv: KVCacheManager, max_num_seqs: int = 256, max_num_batched_tokens: int = 2048,
-                 aging_s: float = 30.0, clock=time.monotonic):
+                 aging_s: float = 30.0, clock=time.monotonic, prefill_chunk_while_decoding: int | None = None):
         self.kv = kv
+        self.prefill_chunk_while_decoding = prefill_chunk_while_decoding
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.aging_s = aging_s
@@ -85,12 +90,18 @@ class Scheduler:
             sum(r.remaining_to_compute - 1 for r in self.running if r.remaining_to_compute > 1)
 
     # -- the step
-    def schedule(self) -> ScheduledBatch:
+    def schedule(self, decoding: int = 0) -> ScheduledBatch:
+        """The next step's batch. `decoding`: decodes that run in the step outside this scheduler's
+        view (the simulated engine's fast-forwarded decode set), for the prompt-chunk cap."""
         now = self.clock()
         order = sorted(self.running + self.waiting, key=self.order_key(now))
         batch = ScheduledBatch()
         scheduled: set[int] = set()
         budget = self.max_num_batched_tokens
+        cap = self.prefill_chunk_while_decoding
+        pf_left = budget          # prompt tokens this step may still take
+        if cap is not None and (decoding or any(r.remaining_to_compute == 1 for r in self.running)):
+            pf_left = cap
         admit_waiting = True
         for req in order:
             if budget <= 0 or len(batch.reqs) >= self.max_num_seqs:
@@ -106,6 +117,8 @@ class Scheduler:
                     req.num_computed_tokens = hit
                     req.num_cached_tokens = max(req.num_cached_tokens, min(hit, req.num_prompt_tokens))
             n = min(req.remaining_to_compute, budget)
+            if n > 1:
+                n = min(n, pf_left)
             if n <= 0:
                 continue
             while not self.kv.allocate_slots(req, n):
@@ -122,6 +135,8 @@ class Scheduler:
                 batch.num_new_tokens.append(n)
                 scheduled.add(id(req))
                 budget -= n
+                if n > 1 or req.remaining_to_compute > 1:
+                    pf_left -= n
                 continue
             # could not get blocks
             if was_waiting:

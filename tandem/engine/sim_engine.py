@@ -176,6 +176,7 @@ class SimEngineConfig:
     num_kv_blocks: int | None = None          # None: profile kv_capacity_tokens // block_size
     max_num_seqs: int = 256
     max_num_batched_tokens: int | None = None  # None: the profile's
+    prefill_chunk_while_decoding: int | None = None  # Scheduler's cap on prompt tokens next to decodes
     max_model_len: int | None = None          # None: the profile's, else 131072
     enable_prefix_caching: bool = True
     aging_s: float = 30.0
@@ -239,7 +240,7 @@ class SimEngine:
         self.now = clock_start
         self.kv = KVCacheManager(cfg.num_kv_blocks, cfg.block_size, cfg.enable_prefix_caching)
         self.scheduler = Scheduler(self.kv, cfg.max_num_seqs, cfg.max_num_batched_tokens, cfg.aging_s,
-                                   clock=self._clock)
+                                   clock=self._clock, prefill_chunk_while_decoding=cfg.prefill_chunk_while_decoding)
         self.requests: dict[str, SimRequest] = {}
         self.held: dict[str, SimRequest] = {}
         self._stats = EngineStats(kv_blocks_total=cfg.num_kv_blocks)
@@ -744,7 +745,7 @@ class SimEngine:
         S, B = sch.max_num_seqs, sch.max_num_batched_tokens
         sch.max_num_seqs, sch.max_num_batched_tokens = S - nd, B - nd
         try:
-            batch = sch.schedule()
+            batch = sch.schedule(nd)
         finally:
             sch.max_num_seqs, sch.max_num_batched_tokens = S, B
         dur, b, pf = self._batch_time(batch, now, nd, w.base + j * nd, nd)

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import zmq
 import zmq.asyncio
 
+from tandem.router.disagg import DisaggPolicy
 from tandem.router.kv_router import KvRouter, NoWorkers
 from tandem.worker.protocol import (Abort, Delta, Deltas, Generate, Migrated, Ready, SetRole, Shutdown,
                                     WorkerFailed, WorkerStatus, decode, encode)
@@ -157,42 +158,6 @@ class RequestHandle:
             return
         self.closed = True
         self.client._release(self)
-
-
-@dataclass
-class DisaggPolicy:
-    """Conditional disaggregation: prefill on the decode worker itself when that is cheaper than a
-    remote prefill plus a KV transfer — the uncached part of the prompt is short, or the prefill pool's
-    queue is long compared with what the decode worker has to do. A long queue never sends a `batch`
-    prompt to a decode worker: its prefill would stall every chat decode there (the GPU run of a
-    summarization flood, docs/benchmarks.md); batch work waits for the prefill pool, which the planner
-    grows, and a full queue answers 429.
-
-    A `batch` request with a short answer (max_tokens <= batch_on_prefill_max_tokens) is served whole on
-    its prefill worker: its KV (375 MB for a 3k-token 8B prompt) is not worth moving for a few hundred
-    tokens, and its decode would share the decode workers' steps with chat (on two H200s it doubled chat
-    TPOT). Its decode rows ride along in the prefill worker's chunked steps, so its TPOT is that of a
-    prefill step: 0 turns the rule off (the server does so when it is given a TPOT SLO to meet)."""
-    local_prefill_max_tokens: int = 256        # uncached prompt tokens at or below this: prefill locally
-    prefill_queue_factor: float = 4.0          # local when min prefill queue > factor x decode worker's queue
-    batch_on_prefill_max_tokens: int = 256     # batch requests with max_tokens <= this stay on the prefill pool
-
-    def batch_stays_on_prefill(self, h: "RequestHandle") -> bool:
-        mt = h.sampling.get("max_tokens")
-        return h.priority == "batch" and mt is not None and 0 < mt <= self.batch_on_prefill_max_tokens
-
-    def local_reason(self, client: "EngineClient", h: "RequestHandle", decode_wid: str,
-                     decode_overlap_blocks: int) -> str | None:
-        w = client.workers[decode_wid]
-        uncached = len(h.prompt_token_ids) - decode_overlap_blocks * max(1, w.block_size)
-        if uncached <= self.local_prefill_max_tokens:
-            return "local_short_uncached"
-        queues = [float(p.stats.get("waiting_prefill_tokens", 0) or 0)
-                  for p in client.alive_workers(("prefill",)) if p.worker_id not in h.failed_workers]
-        mine = float(w.stats.get("waiting_prefill_tokens", 0) or 0) + uncached
-        if queues and min(queues) > self.prefill_queue_factor * mine and h.priority != "batch":
-            return "local_prefill_queue_long"
-        return None
 
 
 class EngineClient:
@@ -358,7 +323,8 @@ class EngineClient:
         # served whole on a prefill worker: only prefill workers are left (they can still do it all),
         # or a short batch request (see DisaggPolicy)
         whole = "no_decode_worker" if not has_decode else \
-            "batch_on_prefill" if has_prefill and self.disagg.batch_stays_on_prefill(h) else None
+            "batch_on_prefill" if has_prefill and self.disagg.stays_on_prefill(
+                h.priority, h.sampling.get("max_tokens")) else None
         if whole is not None:
             wid, ov = self.router.select(h.hashes, n, "prefill", exclude=ex)
             self._count(whole)
@@ -366,20 +332,33 @@ class EngineClient:
             self._send_generate(h, wid, ov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
             return
         dwid, dov = self.router.select(h.hashes, n, "decode", exclude=ex)
-        reason = self.disagg.local_reason(self, h, dwid, dov) if has_prefill else "no_prefill_worker"
+        reason, pick = ("no_prefill_worker", None) if not has_prefill else self._local_reason(h, dwid, dov)
         if reason is not None:
             self._count(reason)
             h.phase = "single"
             self._send_generate(h, dwid, dov, Generate(h.request_id, h.prompt_token_ids, h.sampling, h.priority))
             return
         self._count("remote")
-        pwid, pov = self.router.select(h.hashes, n, "prefill", exclude=ex)
+        pwid, pov = pick or self.router.select(h.hashes, n, "prefill", exclude=ex)
         sp = dict(h.sampling)
         sp["max_tokens"] = 1
         sp["min_tokens"] = min(1, sp.get("min_tokens", 0) or 0)
         sp["stop"] = []                       # stop strings are applied by the decode worker on the whole text
         h.phase = "prefill"
         self._send_generate(h, pwid, pov, Generate(h.request_id, h.prompt_token_ids, sp, h.priority, hold_kv=True))
+
+    def _local_reason(self, h: RequestHandle, dwid: str, dov: int) -> tuple[str | None, tuple[str, int] | None]:
+        """`DisaggPolicy.local_reason` on the router's view of the two queues (what it assigned, floored
+        by what the workers report), and the prefill worker it chose for them (None: not chosen)."""
+        views = self.router.workers
+        d = views[dwid]
+        uncached = len(h.prompt_token_ids) - dov * max(1, d.block_size)
+        if self.disagg.short(uncached) or not self.disagg.may_spill(h.priority):
+            return self.disagg.local_reason(uncached, h.priority, 0.0, 0.0), None
+        pick = self.router.select(h.hashes, len(h.prompt_token_ids), "prefill", exclude=h.failed_workers)
+        p = views[pick[0]]
+        return self.disagg.local_reason(uncached, h.priority, p.prefill_blocks * max(1, p.block_size),
+                                        d.prefill_blocks * max(1, d.block_size)), pick
 
     def _send_generate(self, h: RequestHandle, wid: str, overlap: int, g: Generate) -> None:
         w = self.workers[wid]

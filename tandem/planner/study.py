@@ -90,7 +90,12 @@ def sim_argv(spec: dict) -> list[str]:
         a += ["--shards", str(spec["shards"]), "--jobs", "1"]
     # the study (sessions 2-5) ran before the sim took `tandem serve`'s routing and planner defaults:
     # every prompt prefilled remotely, one prefill worker always kept. Pinned so its numbers reproduce
-    a += ["--local-prefill-tokens", str(spec.get("local_prefill_tokens", 0))]
+    a += ["--local-prefill-tokens", str(spec.get("local_prefill_tokens", 0)),
+          "--prefill-queue-factor", str(spec.get("prefill_queue_factor", 0))]
+    if spec.get("spill_batch"):     # session 9: batch prompts spill to decode workers at a long prefill queue
+        a += ["--spill-batch"]
+    if spec.get("prefill_chunk"):
+        a += ["--prefill-chunk-while-decoding", str(spec["prefill_chunk"])]
     pol = spec["policy"]
     if pol in ("planner", "planner-scale"):
         a += ["--planner", "tandem", "--planner-arg", f"min_prefill={spec.get('min_prefill', 1)}"]
@@ -147,6 +152,7 @@ def run_one(spec: dict) -> dict:
                           for d in decisions if d.get("action") != "hold"][:400],
             "virtual_s": sim.get("virtual_s"), "sim_wall_s": report["config"].get("wall_s"),
             "kv_leaks": sim.get("kv_leaks"),
+            "disagg_decisions": sim.get("disagg_decisions") or {},
         })
     except Exception as e:  # noqa: BLE001 - one broken run must not lose the others
         import traceback

@@ -81,6 +81,11 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     g.add_argument("--local-prefill-tokens", type=_nonneg(int), default=256,
                    help="disaggregated: prompts with at most this many uncached tokens prefill on the decode worker "
                         "(default 256, as `tandem serve --local-prefill-max-tokens`; 0: every prompt goes remote)")
+    g.add_argument("--prefill-queue-factor", type=_nonneg(float), default=4.0,
+                   help="disaggregated: ... or when the prefill worker's queue exceeds this multiple of the decode "
+                        "worker's (default 4, as `tandem serve`; 0: off)")
+    g.add_argument("--spill-batch", action="store_true",
+                   help="the queue rule also sends batch prompts to decode workers (as `tandem serve --spill-batch`)")
     g.add_argument("--request-overhead-ms", type=_nonneg(float), default=None,
                    help="frontend + network time before the router sees a request "
                         "(default: the profile's serving_overhead.request_s, else 0)")
@@ -91,6 +96,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="KV blocks per worker (default: profile kv_capacity_tokens / block size)")
     g.add_argument("--max-num-seqs", type=_positive(int), default=256)
     g.add_argument("--max-num-batched-tokens", type=_positive(int), default=None, help="default: the profile's")
+    g.add_argument("--prefill-chunk-while-decoding", type=_positive(int), default=None,
+                   help="prompt tokens a step with decodes may carry (default: the step budget)")
     g.add_argument("--max-model-len", type=_positive(int), default=None)
     g.add_argument("--prefix-caching", choices=("auto", "on", "off"), default="auto",
                    help="auto: on when the requests carry prefix hash ids (Mooncake, workload prefixes); "

@@ -44,6 +44,7 @@ from typing import Any, Sequence
 from tandem.common.errors import TandemError
 from tandem.common.sampling import SamplingParams
 from tandem.engine.sim_engine import IDLE, SIM_TOKEN, WINDOW, SimEngine, SimEngineConfig, SimKVExport
+from tandem.router.disagg import DisaggPolicy
 from tandem.sim.profile import SimProfile
 from tandem.sim.stream import RecordColumns, sim_record_class
 
@@ -66,6 +67,8 @@ class ClusterConfig:
     transfer_gbps: float | None = None        # KV transfer bandwidth, GB/s (None: profile's copy bandwidth)
     transfer_latency_s: float = 0.001         # fixed cost per KV transfer
     local_prefill_tokens: int = 0             # disagg: prompts with <= this many uncached tokens prefill on the decode worker
+    prefill_queue_factor: float = 0.0         # disagg: ... or when the prefill queue is this x longer (0: off)
+    spill_batch: bool = False                 # that rule also moves batch prompts (tandem.router.disagg)
     request_overhead_s: float = 0.0           # frontend/network time before the router sees a request
     max_concurrency: int | None = None        # client-side cap on requests in flight (tandem bench's)
     stall_timeout_s: float = 600.0            # after the last arrival, give up on requests no worker can take
@@ -225,6 +228,10 @@ class SimCluster:
         self.window: Any = None
         self.connector = SimConnector(self)
         self._disagg = False
+        self._policy = DisaggPolicy(max(0, config.local_prefill_tokens), config.prefill_queue_factor, 0,
+                                    config.spill_batch)
+        self._local_rule = config.local_prefill_tokens > 0 or config.prefill_queue_factor > 0
+        self.disagg_decisions: dict[str, int] = {}      # local prefills by reason (DisaggPolicy)
         for role in config.roles:
             self._new_worker(role, "active")
         self._roles_changed()
@@ -344,13 +351,31 @@ class SimCluster:
         phashes = sr.hashes[:br.isl // self.block_size]
         disagg = self._disagg
         pool = "prefill" if disagg else "both"
-        if disagg and self.cfg.local_prefill_tokens > 0:
+        if disagg and self._local_rule:
             try:
-                wid, ov = self.router.select(phashes, br.isl, "decode")
-                if br.isl - ov * self.block_size <= self.cfg.local_prefill_tokens:
-                    return self._start_on(sr, self.by_name[wid], phashes, ov, full=True)
+                dwid, dov = self.router.select(phashes, br.isl, "decode")
             except NoWorkers:
-                pass
+                dwid = None
+            if dwid is not None:
+                pol = self._policy
+                uncached = br.isl - dov * self.block_size
+                if self.cfg.local_prefill_tokens > 0 and pol.short(uncached):
+                    self._count("local_short_uncached")
+                    return self._start_on(sr, self.by_name[dwid], phashes, dov, full=True)
+                if pol.may_spill(br.priority):
+                    try:
+                        pwid, pov = self.router.select(phashes, br.isl, "prefill")
+                    except NoWorkers:
+                        pwid = None
+                    if pwid is not None:
+                        views = self.router.workers
+                        bs = self.block_size
+                        if pol.local_reason(uncached, br.priority, views[pwid].prefill_blocks * bs,
+                                            views[dwid].prefill_blocks * bs) is not None:
+                            self._count("local_prefill_queue_long")
+                            return self._start_on(sr, self.by_name[dwid], phashes, dov, full=True)
+                        pw = self.by_name[pwid]
+                        return self._start_on(sr, pw, phashes, pov, full=(pw.role != "prefill"))
         try:
             wid, ov = self.router.select(phashes, br.isl, pool)
         except NoWorkers:
@@ -366,6 +391,9 @@ class SimCluster:
             return
         w = self.by_name[wid]
         self._start_on(sr, w, phashes, ov, full=(w.role != "prefill"))
+
+    def _count(self, reason: str) -> None:
+        self.disagg_decisions[reason] = self.disagg_decisions.get(reason, 0) + 1
 
     def _start_on(self, sr: SimReq, w: SimWorker, phashes, ov: int, full: bool) -> None:
         br = sr.br
@@ -811,7 +839,7 @@ class SimCluster:
                 "win_steps": sum(w.engine.window_steps for w in ws),
                 "preemptions": sum(w.engine.scheduler.num_preemptions for w in ws),
                 "gpu_seconds": self.gpu_seconds(), "leaks": self.leaks(),
-                "num_kv_blocks": ws[0].engine.kv.pool.num_blocks}
+                "num_kv_blocks": ws[0].engine.kv.pool.num_blocks, "disagg_decisions": dict(self.disagg_decisions)}
 
 
 class SimConnector:

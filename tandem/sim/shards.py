@@ -200,6 +200,11 @@ def merge_totals(parts: list[DomainResult]) -> dict:
     out = {k: sum(x[k] for x in t) for k in ("events", "steps", "win_steps", "preemptions", "gpu_seconds")}
     out.update(virtual=max(x["virtual"] for x in t), leaks={w: v for x in t for w, v in x["leaks"].items()},
                num_kv_blocks=t[0]["num_kv_blocks"])
+    dd: dict[str, int] = {}
+    for x in t:
+        for r, n in x.get("disagg_decisions", {}).items():
+            dd[r] = dd.get(r, 0) + n
+    out["disagg_decisions"] = dd
     return out
 
 

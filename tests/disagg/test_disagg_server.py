@@ -162,3 +162,26 @@ def test_stop_string_spanning_the_handoff_is_never_streamed(disagg, llama_dir):
     assert "".join(chunks) == ref.text
     assert complete(disagg, p, 8, stop=[stop])["choices"][0]["text"] == ref.text       # non-streaming too
     assert disagg.cluster()["totals"]["kv_handoffs"] == before + 2                    # both went through a handoff
+
+
+def test_spill_batch_prefills_on_the_decode_worker_when_the_prefill_queue_is_long(llama_dir):
+    """`--spill-batch`: a flood of batch prompts that backs up the one prefill worker sends some of
+    them to the decode worker, which prefills them in its own capped steps (--prefill-chunk-while-
+    decoding). Every answer is greedy-identical to aggregated serving; the decisions are counted."""
+    s = ServerProc(["--model", llama_dir, "--served-model-name", "tiny", "--prefill", "1", "--decode", "1",
+                    "--local-prefill-max-tokens", "8", "--batch-on-prefill-max-tokens", "0", "--spill-batch",
+                    "--prefill-chunk-while-decoding", "32"], workers=2)
+    try:
+        s.wait_ready()
+        ps = prompts(32, 180, 21)
+        ref = LLM(llama_dir, device="cpu").generate(ps, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+        with cf.ThreadPoolExecutor(32) as ex:
+            results = list(ex.map(lambda p: complete(s, p, 16, priority="batch"), ps))
+        for r, o in zip(results, ref):
+            assert r["choices"][0]["token_ids"] == o.token_ids
+        d = s.cluster()["totals"]["disagg_decisions"]
+        assert d.get("local_prefill_queue_long", 0) >= 1, d
+        assert d.get("remote", 0) >= 1, d
+        assert d.get("local_prefill_queue_long", 0) + d.get("remote", 0) == len(ps)
+    finally:
+        s.stop()

@@ -105,3 +105,29 @@ def test_waiting_request_that_does_not_fit_blocks_lower_admissions():
     batch, _ = run_step(sched)
     assert [r.request_id for r in batch.reqs] == ["i0"]
     assert [r.request_id for r in sched.waiting] == ["i1", "b"]
+
+
+def test_prefill_chunk_is_capped_only_next_to_decodes():
+    """A decode worker that takes a long prompt (a spill at a long prefill queue) carries at most
+    `prefill_chunk_while_decoding` prompt tokens a step while it decodes, so its chats keep their TPOT;
+    alone, the prompt gets the whole step budget. Nothing is lost: the prompt finishes either way."""
+    clk = Clock()
+    sched = Scheduler(KVCacheManager(256, 16), max_num_seqs=8, max_num_batched_tokens=256, aging_s=0,
+                      clock=clk, prefill_chunk_while_decoding=32)
+    for i in range(3):
+        sched.add(mk(f"chat{i}", 8, "interactive", max_tokens=12, clock=clk))
+    run_step(sched)                                      # the chats' prompts: now they decode
+    sched.add(mk("doc", 600, "batch", max_tokens=1, clock=clk))
+    prompt_tokens = []
+    while any(r.request_id == "doc" for r in sched.waiting + sched.running):
+        batch, _ = run_step(sched)
+        rows = dict(zip((r.request_id for r in batch.reqs), batch.num_new_tokens))
+        decodes = [k for rid, k in rows.items() if rid != "doc"]
+        assert all(k == 1 for k in decodes)
+        if "doc" in rows:
+            prompt_tokens.append((rows["doc"], len(decodes)))
+    assert sum(k for k, _ in prompt_tokens) == 600
+    assert all(k <= 32 for k, d in prompt_tokens if d)            # next to decodes: capped
+    assert any(k > 32 for k, d in prompt_tokens if not d)         # the chats done: the full budget
+    # the chats decoded in every step until they finished
+    assert [d for _, d in prompt_tokens[:10]] == [3] * 10

@@ -82,7 +82,8 @@ def test_disaggregated_flow_accounts_transfer_time(profile_dict):
 
 def test_disaggregated_under_load_moves_every_request(profile_dict):
     specs = random_reqs(200, seed=4, rate=100.0, osl=(2, 80))
-    report, cluster = run(profile_dict, specs, "--prefill", "2", "--decode", "2", "--local-prefill-tokens", "0")
+    report, cluster = run(profile_dict, specs, "--prefill", "2", "--decode", "2", "--local-prefill-tokens", "0",
+                          "--prefill-queue-factor", "0")
     pws = [w for w in cluster.workers if w.role == "prefill"]
     dws = [w for w in cluster.workers if w.role == "decode"]
     assert sum(w.engine._stats.generated_tokens for w in pws) == 200          # first tokens
@@ -268,3 +269,25 @@ def test_sim_records_serialise_like_request_records(profile_dict):
     assert [r.to_dict(None) for r in recs] == [b.to_dict(None) for b in base]
     cfg = {"slo_ttft_ms": 100, "gpus": 1}
     assert json.dumps(build_report(cfg, recs, cluster.timeline)) == json.dumps(build_report(cfg, base, cluster.timeline))
+
+
+def test_spill_sends_batch_prompts_to_decode_workers_when_the_prefill_queue_is_long(profile_dict):
+    """A summarization flood on 1P1D: without spill every batch prompt queues on the one prefill worker;
+    with it (the same DisaggPolicy rule as the frontend) the decode worker prefills some of them in its
+    own steps, capped next to decodes, and first tokens come sooner. Every request completes."""
+    specs = reqs([(0.01 * i, 1500, 8, "batch") for i in range(60)] +
+                 [(0.005 + 0.02 * i, 40, 60, "interactive") for i in range(30)])
+    base = ["--prefill", "1", "--decode", "1", "--local-prefill-tokens", "0"]
+    off, c_off = run(profile_dict, specs, *base)
+    on, c_on = run(profile_dict, specs, *base, "--spill-batch", "--prefill-chunk-while-decoding", "128")
+    n_off, n_on = (c.disagg_decisions.get("local_prefill_queue_long", 0) for c in (c_off, c_on))
+    assert n_off <= 30 < n_on                    # without spill only the chats' prompts moved
+    assert on["config"]["sim"]["disagg_decisions"] == c_on.disagg_decisions
+    for r in (off, on):
+        assert r["summary"]["overall"]["requests_completed"] == 90
+    t_off, t_on = (r["summary"]["batch"]["ttft_ms"]["p90"] for r in (off, on))
+    assert t_on < 0.8 * t_off
+    # the decode worker really prefilled batch prompts: more than all the chats' prompt tokens
+    d_off, d_on = (next(w for w in c.workers if w.role == "decode").engine._stats.prompt_tokens_computed
+                   for c in (c_off, c_on))
+    assert d_off <= 30 * 40 and d_on >= 1500

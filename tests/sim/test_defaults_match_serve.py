@@ -14,6 +14,9 @@ def test_sim_routing_and_planner_defaults_are_the_servers():
                                    "--profile", "synthetic:8b", "--planner", "tandem", "--max-num-seqs", "64",
                                    "--out", "/dev/null"])
     assert sim.local_prefill_tokens == serve.local_prefill_max_tokens == 256
+    assert sim.prefill_queue_factor == serve.prefill_queue_factor == 4.0
+    assert sim.spill_batch == serve.spill_batch is False
+    assert sim.prefill_chunk_while_decoding == serve.prefill_chunk_while_decoding is None
     real = _planner_config(serve, {"max_num_seqs": serve.max_num_seqs}).to_dict()
     _, simulated = make_planner(sim, SimProfile.load("synthetic:8b"), 2)
     for key in ("min_prefill", "min_decode", "max_num_seqs", "tick_s", "min_dwell_s", "cooldown_s",

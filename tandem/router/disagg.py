@@ -1,0 +1,59 @@
+"""Conditional disaggregation: where a request's prompt is prefilled. One rule, used by the frontend
+(`tandem.frontend.client`) and the simulator (`tandem.sim.cluster`), so a sim run routes as the
+server does.
+
+A prompt is prefilled on the decode worker itself when that is cheaper than a remote prefill plus a
+KV transfer: its uncached part is short, or the prefill worker it would go to has a queue more than
+`prefill_queue_factor` times what the decode worker has to prefill, this prompt included. The factor
+is the speed ratio: a decode worker prefills in the room its decodes leave.
+
+A `batch` prompt is sent to a decode worker for a long queue only with `spill_batch`, meant for decode
+workers whose steps cap the prompt tokens they carry next to decodes (the engine's
+`prefill_chunk_while_decoding`): uncapped, a 3k-token prompt stalls every chat decode on the worker (a
+summarization flood on two H200s, docs/benchmarks.md). That is when it pays: at a chat →
+summarization swing the prompts queue on a prefill pool sized for chat while the decode pool's
+steps have room (docs/planner.md, session 9).
+
+A `batch` request with a short answer (max_tokens <= batch_on_prefill_max_tokens) is served whole on
+its prefill worker: its KV (375 MB for a 3k-token 8B prompt) is not worth moving for a few hundred
+tokens, and its decode would share the decode workers' steps with chat (on two H200s it doubled chat
+TPOT). Its decode rows ride along in the prefill worker's chunked steps, so its TPOT is that of a
+prefill step: 0 turns the rule off (the server does so when it is given a TPOT SLO to meet)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass
+class DisaggPolicy:
+    local_prefill_max_tokens: int = 256        # uncached prompt tokens at or below this: prefill locally
+    prefill_queue_factor: float = 4.0          # local when the prefill queue > factor x decode worker's (0: never)
+    batch_on_prefill_max_tokens: int = 256     # batch requests with max_tokens <= this stay on the prefill pool
+    spill_batch: bool = False                  # a long prefill queue also sends batch prompts to decode workers
+
+    def __post_init__(self) -> None:
+        if self.local_prefill_max_tokens < 0 or self.batch_on_prefill_max_tokens < 0:
+            raise ValueError("local_prefill_max_tokens and batch_on_prefill_max_tokens must be >= 0")
+        if self.prefill_queue_factor < 0:
+            raise ValueError(f"prefill_queue_factor must be >= 0, got {self.prefill_queue_factor}")
+
+    def stays_on_prefill(self, priority: str, max_tokens: int | None) -> bool:
+        return priority == "batch" and max_tokens is not None and 0 < max_tokens <= self.batch_on_prefill_max_tokens
+
+    def short(self, uncached: int) -> bool:
+        return uncached <= self.local_prefill_max_tokens
+
+    def may_spill(self, priority: str) -> bool:
+        """Whether the queue rule applies to this class at all (it needs the prefill queue's length)."""
+        return self.prefill_queue_factor > 0 and (priority != "batch" or self.spill_batch)
+
+    def local_reason(self, uncached: int, priority: str, prefill_queue_tokens: float,
+                     decode_queue_tokens: float) -> str | None:
+        """Why to prefill on the decode worker, or None for a remote prefill. Queues are prompt tokens
+        waiting on the prefill worker the request would go to and on the decode worker."""
+        if self.short(uncached):
+            return "local_short_uncached"
+        if self.may_spill(priority) and \
+                prefill_queue_tokens > self.prefill_queue_factor * (decode_queue_tokens + uncached):
+            return "local_prefill_queue_long"
+        return None
