@@ -280,6 +280,10 @@ def build_server(args):
     from tandem.runtime.local import LocalRuntime
 
     _validate_serve_args(args)
+    if args.planner and args.spill_batch:
+        print("tandem serve: warning: --spill-batch with --planner: the planner does not count the prefill work the "
+              "decode workers take; in the sim the pair did worse than a static split with --spill-batch "
+              "(docs/planner.md, session 9)", file=sys.stderr, flush=True)
     gpus = visible_gpus() if args.device in ("auto", "cuda") else []
     if args.device == "cuda" and not gpus:
         raise CLIError("--device cuda but no GPU is visible")
