@@ -225,7 +225,10 @@ def main(argv=None) -> int:
                          "--engine-args)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--runs", default="planner,static_1p1d",
-                    help="deployments to run, in order (e.g. planner alone when device time is short)")
+                    help="deployments to run, in order (e.g. planner alone when device time is short); also "
+                         "static_spill and planner_spill: the same with --spill-args")
+    ap.add_argument("--spill-args", default="--spill-batch",
+                    help="serve flags of the *_spill runs (e.g. add --prefill-chunk-while-decoding 512)")
     ap.add_argument("--request-timeout", type=float, default=60.0)
     ap.add_argument("--start-timeout", type=float, default=240.0)
     a = ap.parse_args(argv)
@@ -251,7 +254,9 @@ def main(argv=None) -> int:
     static_pool = ["--prefill", "1", "--decode", "1", "--batch-on-prefill-max-tokens", "0"]
     runs = {}
     wanted = [r for r in a.runs.split(",") if r]
-    for name, pool, poll in (("planner", planner_pool, True), ("static_1p1d", static_pool, False)):
+    spill = a.spill_args.split()
+    for name, pool, poll in (("planner", planner_pool, True), ("static_1p1d", static_pool, False),
+                             ("static_spill", static_pool + spill, False), ("planner_spill", planner_pool + spill, True)):
         if name not in wanted:
             continue
         try:
@@ -305,17 +310,21 @@ def print_report(res: dict) -> None:
     lost = res.get("lost") or {}
     print(f"planner run: {lost.get('sent')} requests, failed {lost.get('failed')}, short {lost.get('short')} "
           f"{lost.get('errors') or ''}")
-    print("| run | completed | failed | goodput/GPU (req/s) | SLO attainment | chat TTFT p99 ms | chat TPOT p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name in ("planner", "static_1p1d"):
+    print("| run | completed | failed | goodput/GPU (req/s) | SLO attainment | chat TTFT p99 ms | chat TPOT p99 ms "
+          "| summarize TTFT p90 ms | summarize TPOT p90 ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    names = [n for n in ("planner", "static_1p1d", "static_spill", "planner_spill")
+             if f"summary_{n}" in res or f"error_{n}" in res]
+    for name in names:
         s = res.get(f"summary_{name}")
         if not s:
             print(f"| {name} | failed: {res.get(f'error_{name}')} |")
             continue
-        o, c = s.get("overall", {}), s.get("chat", {})
+        o, c, b = s.get("overall", {}), s.get("chat", {}), s.get("summarize", {})
         print(f"| {name} | {o.get('requests_completed')} | {o.get('requests_failed')} | {fmt(o.get('goodput_per_gpu'), 3)} | "
               f"{fmt(o.get('slo_attainment'), 3)} | {fmt((c.get('ttft_ms') or {}).get('p99'))} | "
-              f"{fmt((c.get('tpot_ms') or {}).get('p99'))} |")
+              f"{fmt((c.get('tpot_ms') or {}).get('p99'))} | {fmt((b.get('ttft_ms') or {}).get('p90'))} | "
+              f"{fmt((b.get('tpot_ms') or {}).get('p90'))} |")
     print(f"goodput/GPU planner / static 1P1D = {fmt(res.get('goodput_ratio_planner_vs_static'), 2)}")
     log(f"done in {res.get('wall_s', 0):.0f}s")
 

@@ -46,14 +46,15 @@ def test_lost_requests():
 
 def test_planner_gpu_smoke(tmp_path, llama_dir):
     r = subprocess.run([sys.executable, "benchmarks/planner_gpu.py", "--smoke", "--out", str(tmp_path),
-                        "--model", llama_dir], cwd=ROOT, capture_output=True, text=True, timeout=240)
+                        "--model", llama_dir, "--runs", "planner,static_1p1d,static_spill"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = json.loads((tmp_path / "planner.json").read_text())
     assert res["lost"] == {"sent": res["requests"], "failed": 0, "short": 0, "errors": []}
-    for name in ("planner", "static_1p1d"):
+    for name in ("planner", "static_1p1d", "static_spill"):
         assert res[f"summary_{name}"]["overall"]["requests_completed"] == res["requests"]
     assert res["polls"]["polls"] > 20 and res["goodput_ratio_planner_vs_static"] > 0
     assert len(res["flips"]["swings"]) == 4
     for f in res["flips"]["flips"]:             # whatever flips the planner made are fully timed
         assert f["decision_to_done_s"] is not None and f["decision_to_done_s"] >= 0
-    assert "goodput/GPU planner / static 1P1D" in r.stdout
+    assert "goodput/GPU planner / static 1P1D" in r.stdout and "| static_spill |" in r.stdout
