@@ -243,8 +243,16 @@ def _validate_serve_args(args) -> None:
         raise CLIError("--port must be in 0..65535 (0: any free port)")
     if args.max_waiting < 0:
         raise CLIError("--max-waiting must be >= 0")
-    if args.prefill_queue_factor < 0 or args.local_prefill_max_tokens < 0:
-        raise CLIError("--prefill-queue-factor and --local-prefill-max-tokens must be >= 0")
+    try:
+        _disagg_policy(args)
+    except ValueError as e:
+        raise CLIError(f"disaggregation: {e} (--prefill-queue-factor, --local-prefill-max-tokens)") from None
+
+
+def _disagg_policy(args):
+    from tandem.router.disagg import DisaggPolicy
+    return DisaggPolicy(args.local_prefill_max_tokens, args.prefill_queue_factor, _batch_on_prefill(args),
+                        args.spill_batch)
 
 
 def _planner_config(args, engine_cfg: dict):
@@ -302,10 +310,8 @@ def build_server(args):
     router = KvRouter(RouterConfig(mode=args.router_mode, weights=RouterWeights(
         overlap_weight=args.kv_overlap_weight, decode_weight=args.kv_decode_weight,
         temperature=args.router_temperature)))
-    from tandem.router.disagg import DisaggPolicy
     client = EngineClient(runtime.out_addr, router, runtime, heartbeat_timeout=args.heartbeat_timeout,
-                          disagg=DisaggPolicy(args.local_prefill_max_tokens, args.prefill_queue_factor,
-                                              _batch_on_prefill(args), args.spill_batch))
+                          disagg=_disagg_policy(args))
     specs = [WorkerSpec(f"w{i}", model_dir, roles[i] if roles else "both", dict(engine_cfg),
                         gpu=gpus[i] if device == "cuda" else None) for i in range(n)]
 

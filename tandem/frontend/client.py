@@ -348,17 +348,13 @@ class EngineClient:
         self._send_generate(h, pwid, pov, Generate(h.request_id, h.prompt_token_ids, sp, h.priority, hold_kv=True))
 
     def _local_reason(self, h: RequestHandle, dwid: str, dov: int) -> tuple[str | None, tuple[str, int] | None]:
-        """`DisaggPolicy.local_reason` on the router's view of the two queues (what it assigned, floored
-        by what the workers report), and the prefill worker it chose for them (None: not chosen)."""
-        views = self.router.workers
-        d = views[dwid]
-        uncached = len(h.prompt_token_ids) - dov * max(1, d.block_size)
-        if self.disagg.short(uncached) or not self.disagg.may_spill(h.priority):
-            return self.disagg.local_reason(uncached, h.priority, 0.0, 0.0), None
-        pick = self.router.select(h.hashes, len(h.prompt_token_ids), "prefill", exclude=h.failed_workers)
-        p = views[pick[0]]
-        return self.disagg.local_reason(uncached, h.priority, p.prefill_blocks * max(1, p.block_size),
-                                        d.prefill_blocks * max(1, d.block_size)), pick
+        """Why to prefill on decode worker `dwid` (None: remotely), and the prefill worker the queue
+        rule chose (None: not chosen); see `DisaggPolicy.queue_reason`."""
+        uncached = len(h.prompt_token_ids) - dov * max(1, self.router.workers[dwid].block_size)
+        if self.disagg.short(uncached):
+            return "local_short_uncached", None
+        return self.disagg.queue_reason(self.router, h.hashes, len(h.prompt_token_ids), h.priority, uncached,
+                                        dwid, h.failed_workers)
 
     def _send_generate(self, h: RequestHandle, wid: str, overlap: int, g: Generate) -> None:
         w = self.workers[wid]

@@ -22,6 +22,7 @@ prefill step: 0 turns the rule off (the server does so when it is given a TPOT S
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 
 @dataclass
@@ -57,3 +58,17 @@ class DisaggPolicy:
                 prefill_queue_tokens > self.prefill_queue_factor * (decode_queue_tokens + uncached):
             return "local_prefill_queue_long"
         return None
+
+    def queue_reason(self, router: Any, hashes: Sequence[int], prompt_len: int, priority: str, uncached: int,
+                     decode_wid: str, exclude: Sequence[str] = ()) -> tuple[str | None, tuple[str, int] | None]:
+        """`local_reason` on `router`'s view of the two queues (what it assigned, floored by what the
+        workers report): (reason or None, the (prefill worker, overlap) it chose for the comparison, or
+        None when the rule does not apply to `priority`). Raises the router's NoWorkers when no
+        prefill worker is left."""
+        if not self.may_spill(priority):
+            return None, None
+        pick = router.select(hashes, prompt_len, "prefill", exclude=exclude)
+        views = router.workers
+        p, d = views[pick[0]], views[decode_wid]
+        return self.local_reason(uncached, priority, p.prefill_blocks * max(1, p.block_size),
+                                 d.prefill_blocks * max(1, d.block_size)), pick

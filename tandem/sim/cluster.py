@@ -362,20 +362,16 @@ class SimCluster:
                 if self.cfg.local_prefill_tokens > 0 and pol.short(uncached):
                     self._count("local_short_uncached")
                     return self._start_on(sr, self.by_name[dwid], phashes, dov, full=True)
-                if pol.may_spill(br.priority):
-                    try:
-                        pwid, pov = self.router.select(phashes, br.isl, "prefill")
-                    except NoWorkers:
-                        pwid = None
-                    if pwid is not None:
-                        views = self.router.workers
-                        bs = self.block_size
-                        if pol.local_reason(uncached, br.priority, views[pwid].prefill_blocks * bs,
-                                            views[dwid].prefill_blocks * bs) is not None:
-                            self._count("local_prefill_queue_long")
-                            return self._start_on(sr, self.by_name[dwid], phashes, dov, full=True)
-                        pw = self.by_name[pwid]
-                        return self._start_on(sr, pw, phashes, pov, full=(pw.role != "prefill"))
+                try:
+                    reason, pick = pol.queue_reason(self.router, phashes, br.isl, br.priority, uncached, dwid)
+                except NoWorkers:
+                    reason, pick = None, None
+                if reason is not None:
+                    self._count("local_prefill_queue_long")
+                    return self._start_on(sr, self.by_name[dwid], phashes, dov, full=True)
+                if pick is not None:
+                    pw = self.by_name[pick[0]]
+                    return self._start_on(sr, pw, phashes, pick[1], full=(pw.role != "prefill"))
         try:
             wid, ov = self.router.select(phashes, br.isl, pool)
         except NoWorkers:
