@@ -258,7 +258,7 @@ def _disagg_policy(args):
 def _planner_config(args, engine_cfg: dict):
     import dataclasses
 
-    from tandem.planner.types import PlannerConfig
+    from tandem.planner.types import SPILL_PLANNER, PlannerConfig
     kw = dict(tick_s=args.planner_tick_s, slo_ttft_ms=args.slo_ttft_ms or 2000.0,
               slo_tpot_ms=args.slo_tpot_ms or 100.0, min_prefill=args.planner_min_prefill,
               min_decode=args.planner_min_decode, min_dwell_s=args.planner_min_dwell_s,
@@ -266,6 +266,8 @@ def _planner_config(args, engine_cfg: dict):
               peak_window_s=args.planner_peak_window_s, donor_memory_s=args.planner_donor_memory_s,
               min_gpus=args.planner_min_gpus, max_gpus=args.planner_max_gpus,
               max_num_seqs=engine_cfg.get("max_num_seqs", 256))
+    if _disagg_policy(args).spills_batch:
+        kw.update(SPILL_PLANNER)            # the decode workers carry the edges (--planner-set wins)
     names = {f.name for f in dataclasses.fields(PlannerConfig)}
     for item in args.planner_set:
         key, sep, val = item.partition("=")
@@ -288,10 +290,6 @@ def build_server(args):
     from tandem.runtime.local import LocalRuntime
 
     _validate_serve_args(args)
-    if args.planner and args.spill_batch:
-        print("tandem serve: warning: --spill-batch with --planner: the planner does not count the prefill work the "
-              "decode workers take; in the sim the pair did worse than a static split with --spill-batch "
-              "(docs/planner.md, session 9)", file=sys.stderr, flush=True)
     gpus = visible_gpus() if args.device in ("auto", "cuda") else []
     if args.device == "cuda" and not gpus:
         raise CLIError("--device cuda but no GPU is visible")

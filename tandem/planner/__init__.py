@@ -15,10 +15,11 @@ from tandem.planner.connector import (Connector, InMemoryConnector, PlannerLoop,
 from tandem.planner.dynamo_baseline import DynamoBaseline, DynamoConfig
 from tandem.planner.planner import Planner
 from tandem.planner.predictor import PREDICTORS, make_predictor
-from tandem.planner.types import ClassStats, ClusterView, Decision, PlannerConfig, WorkerView
+from tandem.planner.types import SPILL_PLANNER, ClassStats, ClusterView, Decision, PlannerConfig, WorkerView
 from tandem.planner.window import WindowStats
 
 __all__ = ["Planner", "PlannerConfig", "ClusterView", "WorkerView", "ClassStats", "Decision",
            "PerfProfile", "ProfileError", "load_profile", "Demand", "Need", "workers_needed",
            "PlannerLoop", "Connector", "InMemoryConnector", "apply_decision", "apply_decisions",
-           "WindowStats", "DynamoBaseline", "DynamoConfig", "PREDICTORS", "make_predictor"]
+           "WindowStats", "DynamoBaseline", "DynamoConfig", "PREDICTORS", "make_predictor",
+           "SPILL_PLANNER"]

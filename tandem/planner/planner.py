@@ -126,6 +126,7 @@ class Planner:
         self._no_damp_until = -math.inf
         self._cycle_mean = (0.0, 0.0)      # mean planned loads over the last flap_hold_s
         self._infeasible_t = -math.inf     # last tick whose needs exceeded the budget
+        self._p_short_since: Optional[float] = None   # the prefill pool short since (spill delay)
 
     # ================================================================================ public API
     def tick(self, view: ClusterView) -> list[Decision]:
@@ -297,6 +298,10 @@ class Planner:
             self._infeasible_t = now
         inputs["target"] = {"prefill": target_p, "decode": G - target_p}
         inputs["regime"] = regime
+        if target_p > P or m["prefill_pressure"]:
+            self._p_short_since = now if self._p_short_since is None else self._p_short_since
+        else:
+            self._p_short_since = None
 
         move, why = self._choose_move(now, P, D, G, target_p, need_p, need_d, load_p, load_d,
                                       regime, m)
@@ -899,6 +904,10 @@ class Planner:
         if self._last_flip_dir is not None and direction != self._last_flip_dir and \
                 since < cfg.reverse_cooldown_s:
             return 0, f"blocked by reverse cooldown ({since:.1f}s): {why}"
+        short = now - (self._p_short_since if self._p_short_since is not None else now)
+        if move > 0 and regime != "idle" and short < cfg.spill_flip_delay_s:
+            return 0, (f"spill carries it: prefill short for {short:.1f}s < "
+                       f"{cfg.spill_flip_delay_s:g}s, decode workers prefill what queues: {why}")
         k = self._max_flips(G)
         move = max(-k, min(k, move))
         # never drain a pool below its minimum

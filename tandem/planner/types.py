@@ -189,6 +189,17 @@ class Decision:
         return f"[t={self.time:.2f}] {self.action}{who}{roles}: {self.reason}"
 
 
+# What a deployment that spills (`--spill-batch`: queued batch prompts are prefilled on decode
+# workers) changes in the planner, under anything the user sets (`tandem serve` and `tandem sim`
+# apply it). The decode pool carries a chat -> summarization edge by spilling, so a decode ->
+# prefill flip waits 30 s (it would migrate the running chats onto fewer decode workers and take
+# the step budget spill uses), and the hedge is off (the prefill slack it keeps through a chat
+# phase crowds the chats onto fewer decode workers). 64 GPUs, `bursty-swing` with spill, x1.55 /
+# x1.6 / x1.8 / x2.0: 98.2 / 98.4 / 96.3 / 95.7 % against 100 / 98.9 / 88.0 / did not finish
+# without these; the best static splits 100 / 99.99 / 95.4 / 91.1 % (docs/planner.md, session 10)
+SPILL_PLANNER = {"spill_flip_delay_s": 30.0, "hedge_window_s": 0.0}
+
+
 @dataclass
 class PlannerConfig:
     tick_s: float = 1.0                      # planner cadence (min 0.25 s)
@@ -236,6 +247,11 @@ class PlannerConfig:
     # prefill work: it takes at most this fraction of their time and the p90 prompt's prefill,
     # mixed into a decode step, keeps that step within the TPOT target
     aggregate_prefill_frac: float = 0.2
+    # with spill (the router prefills queued batch prompts on decode workers, `--spill-batch`), a
+    # decode -> prefill flip waits until the prefill pool has been short this long: the decode
+    # workers' spare step budget carries the edge at once, and flipping them then migrates their
+    # running chats onto fewer decode workers and takes that budget away (0: flip at once)
+    spill_flip_delay_s: float = 0.0
     # zero traffic
     idle_split: Optional[float] = None       # fraction of the budget as prefill when idle (None: keep)
     idle_after_s: float = 30.0
@@ -274,7 +290,7 @@ class PlannerConfig:
         for name in ("min_dwell_s", "cooldown_s", "reverse_cooldown_s", "hysteresis",
                      "idle_after_s", "scale_headroom", "scale_in_delay_s", "start_cooldown_s",
                      "backlog_drain_s", "flip_frac_per_tick", "peak_window_s", "donor_memory_s",
-                     "hedge_window_s",
+                     "hedge_window_s", "spill_flip_delay_s",
                      "flap_suppress", "flap_reuse", "flap_half_life_s", "flap_hold_s", "flap_trial_margin",
                      "flap_trial_min_s"):
             if not finite(getattr(self, name), -1) >= 0:

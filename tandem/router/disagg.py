@@ -44,6 +44,11 @@ class DisaggPolicy:
     def short(self, uncached: int) -> bool:
         return uncached <= self.local_prefill_max_tokens
 
+    @property
+    def spills_batch(self) -> bool:
+        """Batch prompts can be prefilled on decode workers (the planner then plans for it)."""
+        return self.spill_batch and self.prefill_queue_factor > 0
+
     def may_spill(self, priority: str) -> bool:
         """Whether the queue rule applies to this class at all (it needs the prefill queue's length)."""
         return self.prefill_queue_factor > 0 and (priority != "batch" or self.spill_batch)
