@@ -276,6 +276,9 @@ def main(argv=None) -> int:
         res["decisions"] = p["poll"]["decisions"]          # every decision seen, with its inputs and reason
         res["ticks"] = p["poll"]["ticks"]                  # the planner's inputs at each poll
     for name, r in runs.items():
+        cfg = (((r.get("cluster") or {}).get("planner") or {}).get("status") or {}).get("config")
+        if cfg:
+            res[f"planner_config_{name}"] = cfg          # as the server built it (spill mode shows here)
         if "report" in r:
             s = r["report"]["summary"]
             res[f"summary_{name}"] = {k: {m: s[k].get(m) for m in ("requests_completed", "requests_failed", "goodput",

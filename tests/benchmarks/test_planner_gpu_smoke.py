@@ -46,13 +46,17 @@ def test_lost_requests():
 
 def test_planner_gpu_smoke(tmp_path, llama_dir):
     r = subprocess.run([sys.executable, "benchmarks/planner_gpu.py", "--smoke", "--out", str(tmp_path),
-                        "--model", llama_dir, "--runs", "planner,static_1p1d,static_spill"],
+                        "--model", llama_dir, "--runs", "planner,static_1p1d,static_spill,planner_spill"],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     res = json.loads((tmp_path / "planner.json").read_text())
     assert res["lost"] == {"sent": res["requests"], "failed": 0, "short": 0, "errors": []}
-    for name in ("planner", "static_1p1d", "static_spill"):
+    for name in ("planner", "static_1p1d", "static_spill", "planner_spill"):
         assert res[f"summary_{name}"]["overall"]["requests_completed"] == res["requests"]
+    # serve applied spill mode to the planner of the spill run only (SPILL_PLANNER)
+    assert res["planner_config_planner_spill"]["spill_flip_delay_s"] == 30.0
+    assert res["planner_config_planner_spill"]["hedge_window_s"] == 0.0
+    assert res["planner_config_planner"]["spill_flip_delay_s"] == 0.0
     assert res["polls"]["polls"] > 20 and res["goodput_ratio_planner_vs_static"] > 0
     assert len(res["flips"]["swings"]) == 4
     for f in res["flips"]["flips"]:             # whatever flips the planner made are fully timed
