@@ -904,7 +904,7 @@ class Planner:
         if self._last_flip_dir is not None and direction != self._last_flip_dir and \
                 since < cfg.reverse_cooldown_s:
             return 0, f"blocked by reverse cooldown ({since:.1f}s): {why}"
-        short = now - (self._p_short_since if self._p_short_since is not None else now)
+        short = 0.0 if self._p_short_since is None else now - self._p_short_since
         if move > 0 and regime != "idle" and short < cfg.spill_flip_delay_s:
             return 0, (f"spill carries it: prefill short for {short:.1f}s < "
                        f"{cfg.spill_flip_delay_s:g}s, decode workers prefill what queues: {why}")

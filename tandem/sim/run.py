@@ -118,6 +118,7 @@ def make_planner(args, profile: SimProfile, n_gpus: int):
     if name in ("tandem", "default"):
         from tandem.planner.planner import Planner
         from tandem.planner.types import SPILL_PLANNER, PlannerConfig
+        from tandem.router.disagg import DisaggPolicy
         # as `tandem serve --planner` builds it: an empty prefill pool allowed, seats from the engine config
         d = {"tick_s": args.planner_tick, "min_prefill": 0, "max_num_seqs": args.max_num_seqs}
         if args.slo_ttft_ms:
@@ -128,7 +129,8 @@ def make_planner(args, profile: SimProfile, n_gpus: int):
             d["min_gpus"] = args.min_gpus
         if args.max_gpus is not None:
             d["max_gpus"] = args.max_gpus
-        if getattr(args, "spill_batch", False) and getattr(args, "prefill_queue_factor", 0.0) > 0:
+        if DisaggPolicy(prefill_queue_factor=getattr(args, "prefill_queue_factor", 0.0),
+                        spill_batch=bool(getattr(args, "spill_batch", False))).spills_batch:
             d.update(SPILL_PLANNER)           # as serve: the decode workers carry the edges
         d.update(extra)
         try:
